@@ -1,0 +1,130 @@
+"""Learning curve of the local recipe: GRPO from the warmed-up base model, no orchestration.
+
+Builds (or reuses) the recipe's base model (`model.warmup`), prepares the recipe's train and eval
+data, then runs `LocalEngine.train_rollout` for `rollout.num_rollout` rollouts (or `--rollouts`),
+evaluating on the held-out eval split before the first rollout, every `eval.interval` rollouts and
+after the last. Prints one table row per eval (rollout id, eval score = mean reward of the eval
+samples, mean training reward of the rollouts since the previous eval) and ends with
+
+    RESULT base_eval=<x> final_eval=<y> rollouts=<n> wall_s=<s>
+
+`wall_s` is the time spent in GRPO rollouts (sampling + scoring + update) only: the warm-up and
+the evals are timed on their own lines. The base model is cached under `--workdir` keyed by the
+architecture and warm-up sections, so a second run skips the warm-up. `--time-budget` stops the
+loop (after an eval) once the GRPO time passes it.
+
+    python benchmarks/learning_curve.py [--config configs/local.yaml] [--workdir DIR]
+        [--rollouts N] [--time-budget S] [--threads 2] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from kimi_core.data import prepare_dataset  # noqa: E402
+from kimi_core.engines.local import EngineInputs, LocalEngine  # noqa: E402
+from kimi_core.engines.warmup import build_base_model  # noqa: E402
+from kimi_core.recipe import Recipe, load_recipe  # noqa: E402
+from kimi_core.run_state import RunPaths  # noqa: E402
+
+
+def base_model(recipe: Recipe, workdir: Path) -> tuple[Path, float, bool]:
+    """The cached base model dir for the recipe's architecture + warm-up; (dir, warm-up seconds, built now)."""
+    if recipe.model.warmup is None:
+        raise ValueError("the recipe has no model.warmup section: the learning curve needs build:tiny")
+    key = json.dumps([recipe.model.architecture.model_dump(), recipe.model.warmup.model_dump()], sort_keys=True)
+    target = workdir / "base" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    marker = target / "warmup.json"
+    if marker.is_file():
+        return target, float(json.loads(marker.read_text())["warmup/seconds"]), False
+    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=workdir))
+    stats = build_base_model(recipe.model.architecture, tmp, spec=recipe.model.warmup)
+    (tmp / "warmup.json").write_text(json.dumps(stats))
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(target)
+    return target, float(stats["warmup/seconds"]), True
+
+
+def make_engine(recipe: Recipe, workdir: Path, base_dir: Path) -> tuple[LocalEngine, str]:
+    """A started engine on the recipe's train data and its first eval set; returns (engine, eval name)."""
+    data_dir = workdir / "data"
+    train = prepare_dataset(recipe.data.prompt_data, out_dir=data_dir, name="train",
+                            input_key=recipe.data.input_key, label_key=recipe.data.label_key)
+    dataset = recipe.eval.datasets[0]
+    held_out = prepare_dataset(dataset.path, out_dir=data_dir, name=f"eval-{dataset.name}",
+                               input_key=recipe.data.input_key, label_key=recipe.data.label_key)
+    paths = RunPaths.of(workdir / "runs", "learning-curve").ensure()
+    engine = LocalEngine(recipe, paths=paths,
+                         inputs=EngineInputs(str(train.path), {dataset.name: str(held_out.path)}, str(base_dir)))
+    engine.start(None)
+    return engine, dataset.name
+
+
+def run_curve(recipe: Recipe, engine: LocalEngine, name: str, *, rollouts: int, budget_s: float) -> tuple[list[dict[str, float]], float, int]:
+    """Rollouts with periodic evals; returns (eval rows, GRPO seconds, rollouts done)."""
+    interval = recipe.eval.interval or rollouts
+
+    def eval_row(rollout_id: int, rewards: list[float]) -> dict[str, float]:
+        started = time.perf_counter()
+        score = engine.evaluate(max(rollout_id, 0))[f"eval/{name}"]
+        row = {"rollout": rollout_id, "eval": score, "reward": sum(rewards) / len(rewards) if rewards else float("nan"),
+               "grpo_s": grpo_s, "eval_s": time.perf_counter() - started}
+        print(f"{row['rollout']:>8d} {row['eval']:>8.3f} {row['reward']:>12.3f} {row['grpo_s']:>8.1f} {row['eval_s']:>7.1f}", flush=True)
+        return row
+
+    grpo_s, rewards = 0.0, []
+    print(f"{'rollout':>8} {'eval':>8} {'mean_reward':>12} {'grpo_s':>8} {'eval_s':>7}")
+    rows = [eval_row(-1, [])]
+    done = 0
+    for rollout_id in range(rollouts):
+        started = time.perf_counter()
+        rewards.append(engine.train_rollout(rollout_id)["rollout/raw_reward"])
+        grpo_s += time.perf_counter() - started
+        done = rollout_id + 1
+        last = done == rollouts or grpo_s >= budget_s
+        if done % interval == 0 or last:
+            rows.append(eval_row(rollout_id, rewards))
+            rewards = []
+        if last:
+            break
+    return rows, grpo_s, done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "local.yaml"))
+    parser.add_argument("--workdir", default=None, help="caches the base model and data; default: a temp dir")
+    parser.add_argument("--rollouts", type=int, default=None, help="default: the recipe's rollout.num_rollout")
+    parser.add_argument("--time-budget", type=float, default=600.0, help="stop after this many GRPO seconds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.config, overrides=args.overrides)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="learning-curve-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_dir, warmup_s, built = base_model(recipe, workdir)
+    print(f"warm-up: {recipe.model.warmup.steps} steps, {warmup_s:.1f} s ({'built now' if built else 'cached'}) -> {base_dir}")
+    engine, name = make_engine(recipe, workdir, base_dir)
+    rollouts = args.rollouts or recipe.rollout.num_rollout
+    rows, grpo_s, done = run_curve(recipe, engine, name, rollouts=rollouts, budget_s=args.time_budget)
+    print(f"per-rollout: {grpo_s / max(done, 1):.2f} s; evals: {sum(r['eval_s'] for r in rows):.1f} s in all")
+    print(f"RESULT base_eval={rows[0]['eval']:.3f} final_eval={rows[-1]['eval']:.3f} rollouts={done} wall_s={grpo_s:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The `kimi-k25-grpo` flow: puts the stages in order; no tensor, file-format or Slurm logic here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from kimi_core.failures import SessionLost
+from kimi_core.pipeline.context import RunContext
+from kimi_core.pipeline.driver import console
+from kimi_core.pipeline.status import completed_run, validate
+from tasks.session import bring_up_cluster, evaluate, finish, open_session, train_rollout
+from tasks.stages import acquire_model, convert_checkpoint, prepare_data
+
+MAX_SESSION_REOPENS = 3
+
+
+@flow(name="kimi-k25-grpo", log_prints=True)
+def kimi_k25_grpo(
+    recipe: str = "configs/local.yaml",
+    run_name: str | None = None,
+    cluster: str | None = None,
+    overrides: list[str] | None = None,
+    base_dir: str | None = None,
+    num_rollout: int | None = None,
+) -> dict[str, Any]:
+    """GRPO post-training: data -> model -> conversion -> cluster -> one task per rollout -> eval."""
+    ctx = RunContext(recipe_path=recipe, run_name=run_name, cluster=cluster, overrides=tuple(overrides or ()),
+                     base_dir=base_dir, num_rollout=num_rollout)
+    validate(ctx)  # an invalid recipe fails here, before any job is submitted
+    done = completed_run(ctx)
+    if done is not None:
+        return done
+    data = prepare_data(ctx)
+    model = acquire_model(ctx)
+    convert_checkpoint(ctx, model)
+    session = None
+    for _ in range(MAX_SESSION_REOPENS + 1):
+        cluster_info = bring_up_cluster(ctx)
+        session = open_session(ctx, cluster_info, data, model)
+        try:
+            run_rollouts(ctx, session)
+            break
+        except SessionLost as lost:
+            console.print(f"engine session lost ({lost}); bringing the cluster up again and resuming",
+                          style="yellow", markup=False)
+    else:
+        raise SessionLost(f"the engine session was lost {MAX_SESSION_REOPENS + 1} times; giving up")
+    return finish(ctx, session)
+
+
+def run_rollouts(ctx: RunContext, session: dict[str, Any]) -> None:
+    """The per-rollout story: train (saves when due), then eval when due (DESIGN §4)."""
+    schedule = validate(ctx)
+    for rollout_id in session["pending_evals"]:  # before training at 0, or one a crash interrupted
+        evaluate(ctx, session, rollout_id)
+    for rollout_id in range(session["start"], schedule.num_rollout):
+        train_rollout(ctx, session, rollout_id)
+        if schedule.is_eval_due(rollout_id):
+            evaluate(ctx, session, rollout_id)

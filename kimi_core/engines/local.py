@@ -1,0 +1,257 @@
+"""LocalEngine: the GRPO recipe on one machine (CPU, or one GPU) with a tiny Kimi-shaped model.
+
+Per rollout (DESIGN §3): draw prompts -> sample n responses each -> reward -> dynamic-sampling
+filter -> group advantages -> recompute logp_old -> `num_steps_per_rollout` Adam steps. Saves hold
+the policy as HF safetensors, the optimizer state, the data position and every RNG state, so a
+resumed run is bitwise identical on CPU to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kimi_core import grpo
+from kimi_core.checkpoint.int4 import fake_quantize_int4
+from kimi_core.data import read_prepared
+from kimi_core.engines.prompts import PromptSampler
+from kimi_core.engines.rollout import SamplingSpec, collect_groups, sample_groups
+from kimi_core.engines.update import LossSpec, build_batch, train_steps
+from kimi_core.model.io import load_model, save_pretrained
+from kimi_core.recipe import Recipe, plan_run
+from kimi_core.rewards import score_batch
+from kimi_core.run_state import (
+    RunPaths,
+    begin_checkpoint,
+    checkpoint_dir,
+    commit_checkpoint,
+    dataset_state_path,
+    write_bytes_atomic,
+)
+from kimi_core.tokenizer import KimiByteTokenizer
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """Files the engine reads: prepared data and the initial HF checkpoint."""
+
+    train_data: str
+    eval_data: dict[str, str]
+    initial_checkpoint: str
+
+
+class QATView(nn.Module):
+    """The policy seen through fake INT4 quantization of its routed-expert weights (straight-through).
+
+    Only `mlp.experts.*` linear weights are quantized, per row in groups of `group_size`, as the
+    K2.5 recipe's INT4 QAT does; the stored parameters stay full precision.
+    """
+
+    def __init__(self, inner: nn.Module, *, group_size: int):
+        super().__init__()
+        self.inner = inner
+        self.group_size = group_size
+        self.names = [n for n, _ in inner.named_parameters() if ".mlp.experts." in n and n.endswith(".weight")]
+
+        self._cached: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.inner.lm_head
+
+    def new_cache(self, **kwargs: Any) -> Any:
+        return self.inner.new_cache(**kwargs)
+
+    @contextlib.contextmanager
+    def frozen_weights(self) -> Iterator[QATView]:
+        """No fused fast path: sampling must see the quantized expert weights."""
+        yield self
+
+    def _quantized(self) -> dict[str, torch.Tensor]:
+        params = dict(self.inner.named_parameters())
+        if torch.is_grad_enabled():
+            return {n: fake_quantize_int4(params[n], group_size=self.group_size) for n in self.names}
+        versions = tuple(params[n]._version for n in self.names)  # unchanged weights: reuse (sampling)
+        if self._cached is None or self._cached[0] != versions:
+            self._cached = (versions, {n: fake_quantize_int4(params[n], group_size=self.group_size) for n in self.names})
+        return self._cached[1]
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.func.functional_call(self.inner, self._quantized(), args, kwargs, strict=False)
+
+
+class LocalEngine:
+    """Implements `kimi_core.engines.base.Engine` with our torch model, sampler and GRPO math."""
+
+    def __init__(self, recipe: Recipe, *, paths: RunPaths, inputs: EngineInputs, device: str = "cpu"):
+        self.recipe = recipe
+        self.paths = paths
+        self.inputs = inputs
+        self.device = device
+        self.plan = plan_run(recipe)
+        self.tokenizer = KimiByteTokenizer()
+        self.eval_samples: list[dict[str, Any]] = []
+        self.policy: nn.Module | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self, resume_from: int | None) -> int:
+        r = self.recipe
+        source = self.inputs.initial_checkpoint if resume_from is None else str(self._ckpt(resume_from) / "model")
+        self.model = load_model(source, dtype=torch.float32).to(self.device)
+        self.policy = QATView(self.model, group_size=r.checkpoint.int4_group_size) if r.grpo.int4_fake_qat else self.model
+        self.reference = None
+        if r.grpo.use_kl_loss and r.grpo.kl_loss_coef > 0:
+            self.reference = load_model(self.inputs.initial_checkpoint, dtype=torch.float32).to(self.device).eval()
+        o = r.optimizer
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+            weight_decay=o.weight_decay,
+        )
+        self.sampler = PromptSampler(read_prepared(self.inputs.train_data), seed=r.rollout.seed, shuffle=r.data.rollout_shuffle)
+        self.generator = torch.Generator().manual_seed(r.rollout.seed)
+        torch.manual_seed(r.rollout.seed)
+        if resume_from is None:
+            return 0
+        self.optimizer.load_state_dict(torch.load(self._ckpt(resume_from) / "optimizer.pt", weights_only=True))
+        state = torch.load(dataset_state_path(self.paths, resume_from), weights_only=False)
+        self.sampler.load_state_dict(state["data"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        return resume_from + 1
+
+    def close(self) -> None:
+        self.policy = self.model = self.reference = None  # type: ignore[assignment]
+
+    # ---- one rollout -----------------------------------------------------------------------
+    def train_rollout(self, rollout_id: int) -> dict[str, float]:
+        r, started = self.recipe, time.perf_counter()
+        spec = SamplingSpec(r.rollout.n_samples_per_prompt, r.rollout.max_response_len, r.rollout.temperature, r.rollout.top_p)
+        groups, stats = collect_groups(
+            self.sampler.draw,
+            lambda rows: sample_groups(self.policy, self.tokenizer, rows, spec=spec, reward_fn=self._score,
+                                       generator=self.generator, apply_chat_template=r.data.apply_chat_template),
+            batch_size=r.rollout.rollout_batch_size,
+            over_sampling_batch_size=r.rollout.over_sampling_batch_size,
+            filter_zero_std=r.rollout.dynamic_sampling_filter == "nonzero_std",
+        )
+        rollout_time = time.perf_counter() - started
+        samples = [(g.prompt_ids + resp, len(g.prompt_ids), lp) for g in groups for resp, lp in zip(g.responses, g.rollout_logprobs)]
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        batch = build_batch(
+            self.policy, self.reference, sequences=[s[0] for s in samples], prompt_lens=[s[1] for s in samples],
+            rewards=rewards, n_samples_per_prompt=r.rollout.n_samples_per_prompt, rollout_logprobs=[s[2] for s in samples],
+        )
+        train_metrics = train_steps(
+            self.policy, self.optimizer, batch, num_steps=self.plan.steps_per_rollout, spec=self._loss_spec(),
+            clip_grad=r.optimizer.clip_grad,
+        )
+        train_time = time.perf_counter() - started - rollout_time
+        lengths = [len(resp) for g in groups for resp in g.responses]
+        truncated = [t for g in groups for t in g.truncated]
+        metrics = {
+            "rollout/raw_reward": rewards.mean().item(),
+            "rollout/response_len/mean": sum(lengths) / len(lengths),
+            "rollout/response_len/max": float(max(lengths)),
+            "rollout/truncated_ratio": sum(truncated) / len(truncated),
+            "rollout/advantages/abs_mean": batch.advantages.abs().mean().item(),
+            "rollout/dynamic_filter/prompts_drawn": float(stats.prompts_drawn),
+            **{f"rollout/dynamic_filter/drop_zero_std_{v:g}": float(c) for v, c in stats.dropped_by_reward.items()},
+            **train_metrics,
+            "perf/rollout_time": rollout_time,
+            "perf/train_time": train_time,
+            "perf/tokens_per_s": stats.generated_tokens / max(rollout_time, 1e-9),
+        }
+        return metrics
+
+    def _score(self, responses: list[str], labels: list[str]) -> list[float]:
+        return [float(x) for x in score_batch(responses, labels, rm_type=self.recipe.rollout.rm_type)]
+
+    def _loss_spec(self) -> LossSpec:
+        g = self.recipe.grpo
+        return LossSpec(
+            eps_clip=g.eps_clip, eps_clip_high=g.eps_clip_high, eps_clip_c=g.eps_clip_c, use_tis=g.use_tis,
+            tis_clip=g.tis_clip, kl_loss_coef=g.kl_loss_coef, use_kl_loss=g.use_kl_loss, entropy_coef=g.entropy_coef,
+            per_token_loss=g.calculate_per_token_loss,
+        )
+
+    # ---- eval ------------------------------------------------------------------------------
+    def evaluate(self, rollout_id: int) -> dict[str, float]:
+        """avg@n, unbiased pass@k and length stats per eval set; its own RNG seeded by the rollout id."""
+        r, ev = self.recipe, self.recipe.eval
+        generator = torch.Generator().manual_seed(r.rollout.seed * 7919 + rollout_id + 1)
+        n = ev.n_samples_per_prompt
+        spec = SamplingSpec(n, ev.max_response_len or r.rollout.max_response_len,
+                            r.rollout.temperature if ev.temperature is None else ev.temperature, ev.top_p)
+        metrics: dict[str, float] = {}
+        self.eval_samples = []
+        for name, path in self.inputs.eval_data.items():
+            groups = sample_groups(self.policy, self.tokenizer, read_prepared(path), spec=spec, reward_fn=self._score,
+                                   generator=generator, apply_chat_template=r.data.apply_chat_template)
+            rewards = torch.tensor([g.rewards for g in groups])
+            lengths = [len(x) for g in groups for x in g.responses]
+            metrics[f"eval/{name}"] = rewards.mean().item()
+            for k in sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n}):
+                correct = (rewards > 0.5).sum(dim=1).tolist()
+                metrics[f"eval/{name}/pass_at_{k}"] = sum(grpo.pass_at_k(n, c, k) for c in correct) / len(correct)
+            metrics[f"eval/{name}/response_len/mean"] = sum(lengths) / len(lengths)
+            metrics[f"eval/{name}/truncated_ratio"] = sum(t for g in groups for t in g.truncated) / len(lengths)
+            self.eval_samples += [
+                {"rollout_id": rollout_id, "dataset": name, "label": str(g.row["label"]), "response": g.texts[0],
+                 "reward": g.rewards[0]}
+                for g in groups[: r.tracking.sample_generations_per_eval]
+            ]
+        return metrics
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _ckpt(self, rollout_id: int) -> Path:
+        return Path(checkpoint_dir(self.paths, rollout_id))
+
+    def save(self, rollout_id: int, *, extra_files: dict[str, bytes] | None = None) -> str:
+        """Data position + RNG first, then the iter dir (temp + rename), then the tracker file last.
+
+        `extra_files` (name -> bytes) are written into the checkpoint directory before it commits.
+        """
+        state = {"data": self.sampler.state_dict(), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "rollout_id": rollout_id}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        target = dataset_state_path(self.paths, rollout_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target, buffer.getvalue())
+        tmp = Path(begin_checkpoint(self.paths, rollout_id))
+        save_pretrained(self.model, self.model.config, tmp / "model")
+        _fault_injection_point(self.paths, rollout_id)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        commit_checkpoint(self.paths, rollout_id, tmp)
+        return str(self._ckpt(rollout_id))
+
+
+#: Test hook (fault injection): with `KIMI_GRPO_FAULT_AT_SAVE=<rollout_id>` the process that saves
+#: that rollout kills itself with SIGKILL halfway through writing the checkpoint, once per run.
+FAULT_AT_SAVE_ENV = "KIMI_GRPO_FAULT_AT_SAVE"
+
+
+def _fault_injection_point(paths: RunPaths, rollout_id: int) -> None:
+    if os.environ.get(FAULT_AT_SAVE_ENV) != str(rollout_id):
+        return
+    marker = paths.run_dir / f".fault-at-save-{rollout_id}"
+    if marker.exists():
+        return
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)

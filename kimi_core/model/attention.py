@@ -1,0 +1,186 @@
+"""Multi-head latent attention (MLA) with decoupled RoPE, and its compressed KV cache.
+
+Per token: ``c_q = RMSNorm(x W_qa)`` (or no compression), ``q = c_q W_qb`` split per head into
+``q_nope [nope]`` and ``q_rope [rope]``; ``[c_kv, k_rope] = x W_kva``, ``c_kv = RMSNorm(c_kv)``;
+``[k_nope, v] = c_kv W_kvb`` per head; ``k_rope`` is one head shared by all. RoPE rotates
+``q_rope`` and ``k_rope``; scores are ``(q_nope.k_nope + q_rope.k_rope) * softmax_scale``.
+The cache stores only the latent ``[c_kv, k_rope]`` (``kv_lora_rank + rope`` numbers per token
+and layer). By default keys/values are expanded per head from the latent (as upstream). Inside
+``KimiForCausalLM.frozen_weights`` (sampling), cached no-grad calls use the equivalent absorbed
+form, which never expands the latent: with ``W_uk``/``W_uv`` the key/value rows of ``W_kvb``,
+``q_lat = q_nope W_uk`` (folded into the query projection), scores ``= [q_lat, q_rope] .
+[c_kv, k_rope] * scale``, ``ctx = softmax . c_kv``, ``out = ctx W_uv^T W_o^T`` (folded into one
+``[H*kv, D]`` matrix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_core.model.config import ModelConfig
+from kimi_core.model.layers import RMSNorm, apply_rope
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps upstream, not rms_norm_eps
+
+
+class MLACache:
+    """Preallocated compressed KV cache for incremental decoding of a left-aligned batch.
+
+    Every row shares the write offset ``length`` (prompts are left-padded to one length), so
+    step ``t`` writes slot ``length``. ``key_mask [B, max_len]`` marks real (non-pad) slots and
+    ``next_position [B]`` is each row's next RoPE position (= number of real tokens so far).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.latent = torch.zeros(cfg.num_hidden_layers, batch_size, max_len, width, dtype=dtype, device=device)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    def write(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """Store ``latent [B,T,kv_rank+rope]`` at slot ``length``; return slots ``[B, length+T, .]``."""
+        end = self.length + latent.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"MLACache overflow: {end} tokens > max_len={self.max_len}")
+        self.latent[layer, :, self.length : end] = latent
+        return self.latent[layer, :, :end]
+
+    def append_mask(self, mask: torch.Tensor) -> None:
+        """Record the pad mask of the ``T`` new tokens (before the layers run)."""
+        self.key_mask[:, self.length : self.length + mask.shape[1]] = mask
+
+    def advance(self, num_tokens: int, mask: torch.Tensor) -> None:
+        """Move the write offset past ``num_tokens`` and count real tokens per row."""
+        self.length += num_tokens
+        self.next_position += mask.sum(dim=1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows: keep only batch rows ``rows [B']`` (in that order)."""
+        self.latent = self.latent.index_select(1, rows)
+        self.key_mask = self.key_mask.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
+
+
+class MLAttention(nn.Module):
+    """MLA block; submodule names follow the HF checkpoint (``q_a_proj``, ``kv_b_proj``, ...)."""
+
+    def __init__(self, cfg: ModelConfig, *, layer_idx: int, softmax_scale: float) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.q_rank = cfg.q_lora_rank
+        self.softmax_scale = softmax_scale
+        q_out = self.num_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=False)
+        self._frozen: dict[str, torch.Tensor] | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: torch.Tensor,
+        bias: torch.Tensor,
+        cache: MLACache | None,
+    ) -> torch.Tensor:
+        """``x [B,T,D]``, complex rotations ``rope [B,T,r/2]``, additive ``bias [B,T,S]`` (0 / -inf)."""
+        if cache is not None and self._frozen is not None and not torch.is_grad_enabled():
+            return self._absorbed(x, rope=rope, bias=bias, cache=cache)
+        bsz, seq, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(bsz, seq, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        # one rotation for the H query heads and the shared key head: [B,T,H+1,r]
+        rotated = apply_rope(torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2), rope.unsqueeze(2))
+        latent = torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1)
+        if cache is not None:
+            latent = cache.write(self.layer_idx, latent)
+        keys_len = latent.shape[1]
+        kv = self.kv_b_proj(latent[..., : self.kv_rank]).view(bsz, keys_len, self.num_heads, -1)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_rope = latent[:, :, None, self.kv_rank :].expand(-1, -1, self.num_heads, -1)
+        q = torch.cat([q_nope, rotated[:, :, :-1]], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v.transpose(1, 2), attn_mask=bias.unsqueeze(1), scale=self.softmax_scale
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Absorbed, pre-transposed weights for cached decoding.
+
+        ``in_t [D, (q_rank | H*(kv+r)) + kv + r]``: the first projections side by side;
+        ``q_t [q_rank, H*kv + H*r]`` (with q compression): per head ``W_qnope^T W_uk`` then the rope
+        query columns, times the softmax scale; ``o_t [H*kv, D]``: per head ``W_uv^T W_o_h^T``.
+        """
+        heads, kv, rope_dim = self.num_heads, self.kv_rank, self.rope_dim
+        w_kvb = self.kv_b_proj.weight.float().view(heads, self.nope_dim + self.v_dim, kv)
+        w_q = self.q_proj.weight if self.q_rank is None else self.q_b_proj.weight
+        w_q = w_q.float().view(heads, self.nope_dim + rope_dim, -1)  # [H, qk, in]
+        q_lat = torch.einsum("hni,hnk->ihk", w_q[:, : self.nope_dim], w_kvb[:, : self.nope_dim])
+        q_rope = w_q[:, self.nope_dim :].permute(2, 0, 1)
+        q_t = torch.cat([q_lat.flatten(1), q_rope.flatten(1)], dim=1) * self.softmax_scale
+        w_o = self.o_proj.weight.float().view(-1, heads, self.v_dim)  # [D, H, v]
+        o_t = torch.einsum("hvk,dhv->hkd", w_kvb[:, self.nope_dim :], w_o).flatten(0, 1)
+        kv_a = self.kv_a_proj_with_mqa.weight.float()
+        dtype = self.o_proj.weight.dtype
+        if self.q_rank is None:
+            frozen = {"in_t": torch.cat([q_t, kv_a.t()], dim=1)}
+        else:
+            frozen = {"in_t": torch.cat([self.q_a_proj.weight.float(), kv_a]).t(), "q_t": q_t}
+        frozen["o_t"] = o_t
+        self._frozen = {k: v.to(dtype).contiguous() for k, v in frozen.items()}
+
+    def thaw(self) -> None:
+        self._frozen = None
+
+    def _absorbed(self, x: torch.Tensor, *, rope: torch.Tensor, bias: torch.Tensor, cache: MLACache) -> torch.Tensor:
+        """Cached attention on the latent with the absorbed weights (see ``freeze``); ``[B,T,D]``."""
+        assert self._frozen is not None
+        bsz, seq, _ = x.shape
+        heads, kv, rope_dim = self.num_heads, self.kv_rank, self.rope_dim
+        first = self._frozen["in_t"].shape[1] - kv - rope_dim
+        q, c_kv, k_rope = (x @ self._frozen["in_t"]).split([first, kv, rope_dim], dim=-1)
+        if self.q_rank is not None:
+            q = self.q_a_layernorm(q) @ self._frozen["q_t"]
+        q_lat, q_rope = q.split([heads * kv, heads * rope_dim], dim=-1)
+        pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
+        rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
+        latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))
+        queries = torch.cat([q_lat.view(bsz, seq, heads, kv), rotated[:, :, :-1]], dim=-1)
+        scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
+        scores = scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)
+        ctx = torch.bmm(torch.softmax(scores.view(bsz, seq * heads, -1), dim=-1), latent[..., :kv])
+        return ctx.view(bsz, seq, heads * kv) @ self._frozen["o_t"]

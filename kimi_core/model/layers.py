@@ -1,0 +1,136 @@
+"""Building blocks: RMSNorm, YaRN rotary embedding, SwiGLU MLP (HF names ``gate_proj``/``up_proj``/
+``down_proj``). The router and MoE block live in ``moe.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_core.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 and cast back before the weight."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN magnitude correction ``0.1 * mscale * ln(scale) + 1`` (1 when ``scale <= 1``)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_parameters(cfg: ModelConfig) -> tuple[torch.Tensor, float, float]:
+    """Inverse frequencies [rope_dim/2], cos/sin multiplier, and softmax scale.
+
+    Plain RoPE: ``inv_freq_i = theta^(-2i/d)``. YaRN blends interpolated (``/factor``) and
+    extrapolated frequencies with a linear ramp over the dims between the correction range
+    for ``beta_fast``/``beta_slow`` rotations (floored/ceiled unless ``truncate`` is False). The cos/sin multiplier is
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``; the softmax scale
+    ``qk_head_dim^-0.5`` is multiplied by ``mscale(factor, mscale_all_dim)^2``.
+    """
+    dim = cfg.qk_rope_head_dim
+    base = cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    softmax_scale = cfg.qk_head_dim**-0.5
+    rs = cfg.rope_scaling
+    if rs is None:
+        return 1.0 / pos_freqs, 1.0, softmax_scale
+    factor = float(rs["factor"])
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if rs.get("attention_factor") is not None:
+        attention_factor = float(rs["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(factor)
+    if mscale_all_dim:
+        softmax_scale *= yarn_mscale(factor, mscale_all_dim) ** 2
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+    original = rs["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, attention_factor, softmax_scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotations for positions: ``forward(position_ids [B,T]) -> complex [B,T,rope_dim/2]``.
+
+    Entry ``i`` is ``attention_factor * exp(1j * pos * inv_freq_i)``, i.e. ``(cos, sin)`` scaled.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor, self.softmax_scale = rope_parameters(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        angles = position_ids[..., None].float() * self.inv_freq
+        return torch.polar(torch.full_like(angles, self.attention_factor), angles)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x0,x1),(x2,x3),..`` of ``x [..., r]`` by complex ``rope [..., r/2]``.
+
+    Pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)`` (upstream's interleaved RoPE), computed
+    in fp32 and kept interleaved. Upstream reorders the output to (all evens, all odds); queries and
+    keys share whichever layout is used, so attention scores are the same.
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``.
+
+    ``freeze()`` caches decode-friendly copies (``[D, 2I]`` gate|up and ``[I, D]`` down, both
+    pre-transposed) that no-grad forwards use until ``thaw()``; see ``KimiForCausalLM.frozen_weights``.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._frozen is not None and not torch.is_grad_enabled():
+            gate, up = (x @ self._frozen[0]).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ self._frozen[1]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
+        self._frozen = (gate_up, self.down_proj.weight.t().contiguous())
+
+    def thaw(self) -> None:
+        self._frozen = None

@@ -1,0 +1,96 @@
+"""Job-shaped stages (data prep, model acquisition, conversion) as submitit jobs.
+
+The local recipe uses submitit's local executor; a Slurm profile, its Slurm executor. The job id is
+recorded in the manifest before waiting, so a retried stage re-attaches to the running job
+instead of submitting it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kimi_core.pipeline import stages
+from kimi_core.pipeline.context import RunContext
+from kimi_core.pipeline.driver import RunDriver, cache_key, file_identity
+from kimi_core.recipe import Recipe, resolve_path
+
+STAGE_VERSION = "1"
+#: Time limit of a stage job run by submitit's local executor (its own default is 2 minutes).
+LOCAL_JOB_TIMEOUT_MIN = 4 * 60
+
+
+def _prepare_data(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.prepare_data(recipe, ctx.paths(recipe))
+
+
+def _acquire_model(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.acquire_model(recipe, ctx.paths(recipe))
+
+
+def _convert_checkpoint(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)
+
+
+def data_key(recipe: Recipe) -> str:
+    sources = [recipe.data.prompt_data, *(d.path for d in recipe.eval.datasets)]
+    return cache_key(STAGE_VERSION, recipe.data.model_dump(), recipe.eval.model_dump(),
+                     [file_identity(resolve_path(recipe, s)) for s in sources])
+
+
+def model_key(recipe: Recipe) -> str:
+    return cache_key(STAGE_VERSION, recipe.checkpoint.hf_checkpoint, recipe.model.model_dump(),
+                     stages.WARMUP_VERSION,
+                     file_identity(resolve_path(recipe, recipe.checkpoint.hf_checkpoint)))
+
+
+def run_job(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Submit `fn(*args)` with the recipe's executor, re-attaching to an earlier attempt's job of the
+    same stage and key instead of submitting again."""
+    from slurm.executors import make_executor, submit_or_reattach
+    from slurm.from_recipe import stage_job_request
+
+    recipe = driver.recipe
+    folder = driver.paths.logs / "jobs" / name
+    executor = make_executor(recipe.cluster.executor, folder,
+                             request=stage_job_request(recipe, name=f"{driver.paths.run_name}-{name}", output_dir=folder))
+    if recipe.cluster.executor == "local":
+        executor.update_parameters(timeout_min=LOCAL_JOB_TIMEOUT_MIN)
+    previous = driver.manifest.stages.get(name)
+    job_id = None
+    if previous is not None and previous.status == "submitted" and previous.cache_key == key:
+        job_id = previous.result.get("job_id")
+    job = submit_or_reattach(executor, fn, *args, job_id=job_id, folder=folder)
+    driver.manifest.record_stage(name, cache_key=key, result={"job_id": str(job.job_id)}, status="submitted")
+    if recipe.cluster.executor == "slurm":
+        driver.manifest.add_slurm_job_id(str(job.job_id))
+    return job.result()
+
+
+def convert_key(recipe: Recipe, model: dict[str, Any]) -> str:
+    return cache_key(STAGE_VERSION, model.get("hf_checkpoint"), model.get("num_tensors"), recipe.checkpoint.model_dump())
+
+
+def _staged(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    return driver.stage(name, lambda: run_job(driver, name, key, fn, *args), key=key)
+
+
+def prepare_data(ctx: RunContext) -> dict[str, Any]:
+    """Stage: validated, deduplicated training and eval data under the run directory."""
+    driver = RunDriver(ctx)
+    return _staged(driver, "prepare_data", data_key(driver.recipe), _prepare_data, ctx)
+
+
+def acquire_model(ctx: RunContext) -> dict[str, Any]:
+    """Stage: the verified (or, locally, built) HF checkpoint of the actor."""
+    driver = RunDriver(ctx)
+    return _staged(driver, "acquire_model", model_key(driver.recipe), _acquire_model, ctx)
+
+
+def convert_checkpoint(ctx: RunContext, model: dict[str, Any]) -> dict[str, Any]:
+    """Stage: the reference / initial weights in the format the trainer loads."""
+    driver = RunDriver(ctx)
+    return _staged(driver, "convert_checkpoint", convert_key(driver.recipe, model), _convert_checkpoint, ctx, model["hf_checkpoint"])

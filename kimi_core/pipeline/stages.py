@@ -1,0 +1,115 @@
+"""The job-shaped stages: prepare data, acquire the model, convert checkpoints (DESIGN §3).
+
+Each returns a small JSON-able dict (paths, counts, hashes) and is safe to run again: its work is
+cached by content, so a second run with the same inputs returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kimi_core.data import PREP_VERSION, prepare_dataset
+from kimi_core.engines.warmup import build_base_model
+from kimi_core.pipeline.hf_checkpoint import verify_hf_checkpoint
+from kimi_core.recipe import Recipe, resolve_path
+from kimi_core.run_state import RunPaths, write_text_atomic
+from kimi_core.tokenizer import KimiByteTokenizer
+
+BUILD_PREFIX = "build:"
+WARMUP_VERSION = "1"
+
+
+def _local(path: str) -> str:
+    return path.removeprefix("file://")
+
+
+def prepare_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
+    """Validate, deduplicate and cache the training and eval sets under `{run}/data/`."""
+    d = recipe.data
+    count_tokens = None
+    if recipe.model.tokenizer == "kimi-byte":
+        tokenizer = KimiByteTokenizer()
+        count_tokens = lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))  # noqa: E731
+    common = dict(out_dir=str(paths.data), input_key=d.input_key, label_key=d.label_key,
+                  metadata_key=d.metadata_key, on_error=d.on_error, count_tokens=count_tokens)
+    train = prepare_dataset(resolve_path(recipe, d.prompt_data), name="train", **common)
+    evals = {ds.name: prepare_dataset(resolve_path(recipe, ds.path), name=f"eval-{ds.name}", **common)
+             for ds in recipe.eval.datasets}
+    return {
+        "prep_version": PREP_VERSION,
+        "train": {"path": str(train.path), "rows": train.rows_out, "sha256": train.output_sha256,
+                  "cached": train.cached, "errors": train.errors, "duplicates": train.duplicates},
+        "eval": {name: {"path": str(r.path), "rows": r.rows_out, "sha256": r.output_sha256} for name, r in evals.items()},
+    }
+
+
+def _base_model_dir(recipe: Recipe) -> Path:
+    key = json.dumps({"arch": recipe.model.architecture.model_dump(), "warmup": recipe.model.model_dump()["warmup"],
+                      "version": WARMUP_VERSION}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(resolve_path(recipe, f"models/{recipe.model.name}-base-{digest}"))
+
+
+def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
+    """Production: verify the HF checkpoints under base_dir. Local (`build:tiny`): build the base
+    model once per architecture + warm-up spec, shared by every run under the same base dir."""
+    source = recipe.checkpoint.hf_checkpoint
+    if not source.startswith(BUILD_PREFIX):
+        info = verify_hf_checkpoint(_local(resolve_path(recipe, source)))
+        return {"hf_checkpoint": info.path, "num_tensors": info.num_tensors, "bytes": info.total_bytes, "built": False}
+    if source != "build:tiny":
+        raise ValueError(f"checkpoint.hf_checkpoint = {source!r}: the only build target is 'build:tiny'")
+    assert recipe.model.warmup is not None  # checked by the recipe rules
+    target = _base_model_dir(recipe)
+    marker = target / "warmup.json"
+    if marker.is_file():
+        info = verify_hf_checkpoint(target)
+        return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False,
+                **json.loads(marker.read_text())}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        stats = build_base_model(recipe.model.architecture, tmp, spec=recipe.model.warmup)
+        write_text_atomic(tmp / "warmup.json", json.dumps(stats))
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info = verify_hf_checkpoint(target)
+    return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": True, **stats}
+
+
+def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -> dict[str, Any]:
+    """Make the reference / initial weights the recipe names in `checkpoint.ref_load`.
+
+    A `*_torch_dist` reference is converted from the HF actor checkpoint (HF -> Megatron
+    torch_dist); a BF16 HF reference of an INT4 actor is dequantized from it (INT4 -> BF16).
+    An existing, verified output is reused (the conversion is cached by content hash).
+    """
+    from kimi_core.checkpoint.stage import convert_stage
+
+    ref = recipe.checkpoint.ref_load
+    if ref is None:
+        return {"conversions": [], "reason": "checkpoint.ref_load is not set: nothing to convert"}
+    dst = _local(resolve_path(recipe, ref))
+    if dst.rstrip("/").endswith("torch_dist"):
+        if recipe.checkpoint.actor_format in ("fp8", "int4"):
+            if Path(dst, "latest_checkpointed_iteration.txt").is_file():
+                return {"conversions": [], "ref_load": dst, "reason": "torch_dist reference already present"}
+            raise NotImplementedError(
+                f"converting a {recipe.checkpoint.actor_format} HF checkpoint to torch_dist needs its BF16 copy first; "
+                f"provide {dst} (e.g. with miles' tools/convert_hf_to_torch_dist.py from a BF16 checkpoint)"
+            )
+        result = convert_stage(mode="hf_to_torch_dist", src=hf_checkpoint, dst=dst)
+    elif recipe.checkpoint.actor_format == "int4":
+        result = convert_stage(mode="int4_to_bf16", src=hf_checkpoint, dst=dst)
+    else:
+        verify_hf_checkpoint(dst)
+        return {"conversions": [], "ref_load": dst, "reason": "HF reference present and verified"}
+    return {"conversions": [asdict(result)], "ref_load": dst}

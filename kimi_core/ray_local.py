@@ -1,0 +1,278 @@
+"""A Ray head on loopback for the local recipe and tests, started and stopped by pid.
+
+`ray start --head --block` runs as our child in its own session (process group); every Ray
+process of this head (GCS, raylet, workers, agents) descends from it. Stopping sends SIGTERM to
+that root (Ray drains and stops its children), then SIGKILLs whatever of the recorded tree or
+process group is left. Never `ray stop` or a kill by name: other Ray clusters may share the host.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+_READY_LINE = "This command will now block forever"
+_PROBE = (
+    "import sys, ray\n"
+    "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+    "assert any(n['Alive'] for n in ray.nodes())\n"
+    "ray.shutdown()\n"
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on `host` (the OS picks it; racy by nature)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def worker_port_range(size: int = 200, *, low: int = 20000, high: int = 32000) -> tuple[int, int]:
+    """A random block of `size` worker ports in [low, high) — below Linux's ephemeral range, so
+    it cannot contain a `free_port()` result; random so two heads on a host rarely overlap."""
+    start = low + secrets.randbelow((high - low) // size) * size
+    return start, start + size - 1
+
+
+def _can_bind(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def short_temp_dir(prefix: str = "kr-") -> str:
+    """A new, short Ray temp dir such as `/tmp/kr-1a2b3c4d` (Unix socket paths max ~107 bytes)."""
+    root = "/tmp" if os.path.isdir("/tmp") else os.path.realpath(os.environ.get("TMPDIR", "."))
+    path = os.path.join(root, f"{prefix}{secrets.token_hex(4)}")
+    os.makedirs(path, mode=0o700)
+    return path
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray processes and drivers: loopback only, no usage stats."""
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A running head: `address` is `127.0.0.1:PORT` (GCS); `pid` is the `ray start` root."""
+
+    address: str
+    pid: int
+    temp_dir: str
+    log_path: str
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        """Live pids of this head: the root, its descendants and its process group."""
+        return sorted(_head_processes(self))
+
+
+def _head_processes(head: RayHead) -> set[int]:
+    """Live pids of `head`: the `ray start` root (checked by its command line, so a reused pid is
+    never touched), its descendants, and members of its process group (orphans keep the group;
+    Linux does not reuse a pid while a group of that id exists)."""
+    pids: set[int] = set()
+    try:
+        root = psutil.Process(head.pid)
+        if f"--temp-dir={head.temp_dir}" not in root.cmdline():
+            return set()  # the root is gone and its pid now belongs to someone else
+        pids.add(head.pid)
+        pids.update(child.pid for child in root.children(recursive=True))
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == head.pid:
+                pids.add(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return {pid for pid in pids if _is_running(pid)}
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _ray_command(
+    *, temp_dir: str, ports: dict[str, int], num_cpus: int, object_store_memory: int
+) -> list[str]:
+    ray_script = Path(sys.executable).with_name("ray")
+    return [
+        str(ray_script),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={ports['gcs']}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--include-dashboard=false",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client_server']}",
+        f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
+        f"--min-worker-port={ports['min_worker']}",
+        f"--max-worker-port={ports['max_worker']}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={object_store_memory}",
+    ]
+
+
+def start_local_ray_head(
+    *,
+    temp_dir: str,
+    port: int,
+    num_cpus: int,
+    object_store_memory: int,
+    min_worker_port: int,
+    max_worker_port: int,
+    dashboard_port: int | None = None,
+    timeout_s: float = 90.0,
+) -> RayHead:
+    """Start a head on 127.0.0.1 and wait (bounded) until a driver can `ray.init` to it.
+
+    `temp_dir` must be short (see `short_temp_dir`); worker ports `[min, max]` must not contain
+    the other ports. Raises RuntimeError with the log tail when Ray exits or is not ready in time.
+    """
+    if len(temp_dir) > 40:
+        raise ValueError(f"temp_dir {temp_dir!r} is too long for Ray's Unix sockets (keep <= 40)")
+    if not 1024 < min_worker_port < max_worker_port < 65536:
+        raise ValueError(f"worker ports [{min_worker_port}, {max_worker_port}] are not a range")
+    ports = {
+        "gcs": port,
+        "dashboard": dashboard_port or free_port(),
+        "client_server": free_port(),
+        "dashboard_agent": free_port(),
+        "min_worker": min_worker_port,
+        "max_worker": max_worker_port,
+    }
+    clashes = [k for k, v in ports.items() if "worker" not in k and min_worker_port <= v <= max_worker_port]
+    if clashes:
+        raise ValueError(f"ports {clashes} fall inside the worker port range; move the range")
+    if is_alive(f"127.0.0.1:{port}", timeout_s=1.0) or not _can_bind(port):
+        raise ValueError(f"port {port} on 127.0.0.1 is already in use; pick another (free_port())")
+    os.makedirs(temp_dir, exist_ok=True)
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    command = _ray_command(
+        temp_dir=temp_dir, ports=ports, num_cpus=num_cpus, object_store_memory=object_store_memory
+    )
+    # No drain on SIGTERM: a local head has no Serve replicas to migrate; stop promptly.
+    env = {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    head = RayHead(
+        address=f"127.0.0.1:{port}", pid=proc.pid, temp_dir=temp_dir, log_path=log_path, ports=ports
+    )
+    try:
+        _wait_ready(head, proc, deadline=time.monotonic() + timeout_s)
+    except BaseException:
+        stop_local_ray_head(head)
+        raise
+    return head
+
+
+def _log_tail(path: str, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_ready(head: RayHead, proc: subprocess.Popen[bytes], *, deadline: float) -> None:
+    while _READY_LINE not in Path(head.log_path).read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"ray start exited with code {proc.returncode}; log {head.log_path}:\n"
+                + _log_tail(head.log_path)
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Ray head at {head.address} not started in time; log tail:\n"
+                + _log_tail(head.log_path)
+            )
+        time.sleep(0.2)
+    remaining = max(5.0, deadline - time.monotonic())
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE, head.address],
+        capture_output=True,
+        text=True,
+        env=ray_env(),
+        timeout=remaining,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise RuntimeError(
+            f"Ray head at {head.address} started but a driver cannot connect:\n{probe.stderr[-3000:]}"
+        )
+
+
+def stop_local_ray_head(head: RayHead, *, grace_s: float = 20.0) -> list[int]:
+    """Stop `head` by pid: SIGTERM the root, wait up to `grace_s`, SIGKILL the rest.
+
+    Returns the pids that were signalled. Only processes of this head are touched.
+    """
+    targets = _head_processes(head)
+    if not targets:
+        return []
+    try:
+        os.kill(head.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_is_running(pid) for pid in targets):
+        _reap(head.pid)
+        time.sleep(0.2)
+    targets |= _head_processes(head)
+    for pid in sorted(targets):
+        if _is_running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    psutil.wait_procs([p for p in map(_process_or_none, targets) if p is not None], timeout=10)
+    _reap(head.pid)
+    return sorted(targets)
+
+
+def _process_or_none(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our own child so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def is_alive(address: str, *, timeout_s: float = 2.0) -> bool:
+    """True when the GCS at `host:port` accepts TCP connections."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False

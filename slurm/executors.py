@@ -1,0 +1,132 @@
+"""submitit executors configured from a `SlurmJobRequest`, with re-attach to earlier jobs."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+
+from slurm.requests import SlurmJobRequest
+
+ExecutorKind = Literal["local", "debug", "slurm"]
+
+# Slurm states in which an earlier job is still worth waiting for (or already has its result).
+REATTACH_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETED"}
+)
+
+
+def make_executor(
+    kind: ExecutorKind, folder: str | Path, *, request: SlurmJobRequest | None = None
+) -> submitit.Executor:
+    """A submitit executor of `kind` writing its files under `folder`.
+
+    "slurm" needs `request` (partition, nodes, GPUs, time limit, account, qos, requeue, signal);
+    "local" runs a subprocess on this machine (the time limit is taken from `request` if given);
+    "debug" runs in this process (no request fields apply).
+    """
+    if kind == "debug":
+        return submitit.DebugExecutor(folder=folder)
+    if kind == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        if request is not None:
+            executor.update_parameters(timeout_min=max(1, request.time_limit_s // 60))
+        return executor
+    if kind != "slurm":
+        raise ValueError(f"executor kind {kind!r}: expected one of 'local', 'debug', 'slurm'")
+    if request is None:
+        raise ValueError("executor kind 'slurm' needs a SlurmJobRequest (request=...)")
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**slurm_parameters(request))
+    return executor
+
+
+def slurm_parameters(request: SlurmJobRequest) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for `request` (one task per node)."""
+    extra: dict[str, Any] = {"requeue": True} if request.requeue else {"no_requeue": True}
+    params: dict[str, Any] = {
+        "job_name": request.job_name,
+        "partition": request.partition,
+        "nodes": request.nodes,
+        "ntasks_per_node": 1,
+        "cpus_per_task": request.cpus_per_task,
+        "time": max(1, request.time_limit_s // 60),
+        "additional_parameters": extra,
+    }
+    if request.gpus_per_node:
+        params["gpus_per_node"] = request.gpus_per_node
+    if request.mem is not None:
+        params["mem"] = request.mem
+    if request.mem_per_gpu is not None:
+        params["mem_per_gpu"] = request.mem_per_gpu
+    if request.account:
+        params["account"] = request.account
+    if request.qos:
+        params["qos"] = request.qos
+    if request.exclusive:
+        params["exclusive"] = True
+    if request.signal_before_deadline_s is not None:
+        params["signal_delay_s"] = request.signal_before_deadline_s
+    if request.container_image:
+        params["srun_args"] = [f"--container-image={request.container_image}"]
+    if request.extra_env:
+        env = request.extra_env.items()
+        params["setup"] = [f"export {key}={shlex.quote(value)}" for key, value in env]
+    return params
+
+
+def slurm_job_state(job_id: str) -> str:
+    """The job's state from `sacct` (e.g. "RUNNING", "COMPLETED"); "UNKNOWN" when it has no record."""
+    result = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+        capture_output=True, text=True, check=False,
+    )
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode != 0 or not lines:
+        return "UNKNOWN"
+    return lines[-1].split()[0].upper()  # "CANCELLED by 0" -> "CANCELLED"
+
+
+def submit_or_reattach(
+    executor: submitit.Executor,
+    fn: Callable[..., Any],
+    *args: Any,
+    job_id: str | None,
+    folder: str | Path,
+) -> submitit.Job:
+    """Submit `fn(*args)`, or re-attach to `job_id` from an earlier attempt when that is still useful.
+
+    Slurm: a job that is pending, running or completed (per `sacct`) is re-attached with
+    `submitit.SlurmJob(folder, job_id)`; failed, cancelled, timed-out or unknown jobs are
+    submitted again. Local: a job whose result file exists is re-attached (a still-running
+    local process cannot be waited on from another process, so it is submitted again).
+    Debug jobs never re-attach.
+    """
+    if job_id is not None:
+        if isinstance(executor, submitit.SlurmExecutor) and slurm_job_state(job_id) in REATTACH_STATES:
+            return submitit.SlurmJob(folder=folder, job_id=job_id)
+        if isinstance(executor, submitit.LocalExecutor):
+            job = submitit.LocalJob(folder=folder, job_id=job_id)
+            if job.paths.result_pickle.exists():
+                return job
+    return executor.submit(fn, *args)
+
+
+def cancel_jobs(job_ids: Iterable[str]) -> None:
+    """`scancel` the given Slurm jobs (ids of finished jobs are ignored by Slurm)."""
+    ids = [str(job_id) for job_id in job_ids]
+    if ids:
+        subprocess.run(["scancel", *ids], check=True, capture_output=True, text=True)
+
+
+def sbatch_script(script: str | Path, *, cwd: str | Path) -> str:
+    """Submit an sbatch script file (relative paths inside it resolve from `cwd`); the job id."""
+    result = subprocess.run(["sbatch", "--parsable", str(script)], cwd=cwd, capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch {script} failed: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]

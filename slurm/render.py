@@ -1,0 +1,223 @@
+"""Pure functions that render sbatch scripts from typed requests (golden-tested).
+
+The script bodies live in `slurm/templates/*.sh` with `{{name}}` placeholders; every
+placeholder must be filled and every value used, so a template and its renderer cannot drift
+apart silently.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import resources
+
+from slurm.requests import RayPorts, SlurmJobRequest
+
+_PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
+DEFAULT_RAY_TEMP_DIR = "/tmp/ray-$(id -u)-$SLURM_JOB_ID"
+"""Per-user, per-job and short: Ray's unix socket paths must stay under ~107 bytes."""
+
+
+def fill_template(name: str, values: dict[str, str]) -> str:
+    """Replace every `{{key}}` of template `name`; ValueError on a missing or an unused key."""
+    text = resources.files("slurm").joinpath("templates", name).read_text()
+    wanted = set(_PLACEHOLDER_RE.findall(text))
+    missing, unused = wanted - values.keys(), values.keys() - wanted
+    if missing or unused:
+        raise ValueError(f"template {name}: missing values {sorted(missing)}, unused {sorted(unused)}")
+    return _PLACEHOLDER_RE.sub(lambda match: values[match.group(1)], text)
+
+
+def render_sbatch_header(req: SlurmJobRequest) -> str:
+    """The `#SBATCH` lines of a one-task-per-node job, ending with a newline."""
+    lines = [
+        "#!/bin/bash",
+        f"--job-name={req.job_name}",
+        f"--nodes={req.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={req.cpus_per_task}",
+    ]
+    if req.gpus_per_node:
+        lines.append(f"--gpus-per-node={req.gpus_per_node}")
+    if req.mem is not None:
+        lines.append(f"--mem={req.mem}")
+    if req.mem_per_gpu is not None:
+        lines.append(f"--mem-per-gpu={req.mem_per_gpu}")
+    lines.append(f"--partition={req.partition}")
+    lines += [f"--account={req.account}"] if req.account else []
+    lines += [f"--qos={req.qos}"] if req.qos else []
+    lines.append(f"--time={req.time_limit}")
+    lines.append(f"--output={req.output_dir.rstrip('/')}/%x-%j.out")
+    lines += ["--exclusive"] if req.exclusive else []
+    lines.append("--requeue" if req.requeue else "--no-requeue")
+    if req.signal_before_deadline_s is not None:
+        lines.append(f"--signal=B:USR1@{req.signal_before_deadline_s}")
+    return "\n".join(lines[:1] + [f"#SBATCH {line}" for line in lines[1:]]) + "\n"
+
+
+def _export_lines(env: dict[str, str]) -> str:
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
+
+
+def _container_args(req: SlurmJobRequest) -> str:
+    # The request validated the image name to shell-safe characters ('#' only starts a comment
+    # at the beginning of a word).
+    return f" --container-image={req.container_image}" if req.container_image else ""
+
+
+def render_ray_up(
+    req: SlurmJobRequest,
+    *,
+    payload_command: str,
+    num_cpus_per_node: int | None = None,
+    ports: RayPorts = RayPorts(),
+    temp_dir: str = DEFAULT_RAY_TEMP_DIR,
+    readiness_timeout_s: int = 900,
+    python: str = "python3",
+) -> str:
+    """An sbatch script that brings up Ray across the allocation, then runs `payload_command`.
+
+    Head on the first node (`scontrol show hostnames`), one worker per other node, each
+    `ray start --block` in its own `srun` step with `--num-gpus=req.gpus_per_node`; every Ray
+    node carries the custom resource `slurm_node_<hostname>: 1`. Ready when every node has
+    registered and `nodes * gpus_per_node` GPUs are visible, else the job fails naming the
+    missing nodes. `RAY_ADDRESS=<head ip>:<gcs port>` is exported for the payload (a shell
+    command run with `bash -c` on the head node). `temp_dir` is a shell expression evaluated in
+    the job; each node uses `<temp_dir>/<hostname>`.
+    """
+    num_cpus = req.cpus_per_task if num_cpus_per_node is None else num_cpus_per_node
+    if num_cpus < 1 or readiness_timeout_s < 1:
+        raise ValueError("num_cpus_per_node and readiness_timeout_s must be >= 1")
+    if ports.highest_port(num_nodes=req.nodes) >= 32768:
+        raise ValueError(
+            f"Ray ports reach {ports.highest_port(num_nodes=req.nodes)} for {req.nodes} nodes: "
+            "keep them below the ephemeral range (32768); lower node_port_stride or the bases"
+        )
+    if not payload_command.strip():
+        raise ValueError("payload_command is empty")
+    gpu_args = f"--gpus-per-node={req.gpus_per_node}" if req.gpus_per_node else ""
+    body = fill_template("ray_up.sh", {
+        "extra_env": _export_lines(req.extra_env),
+        "python": shlex.quote(python),
+        "temp_dir": temp_dir,
+        "gpus_per_node": str(req.gpus_per_node),
+        "cpus_per_node": str(num_cpus),
+        "readiness_timeout_s": str(readiness_timeout_s),
+        "stop_grace_s": "30",
+        "gcs_port": str(ports.gcs),
+        "dashboard_port": str(ports.dashboard),
+        "client_server_port": str(ports.client_server),
+        "node_port_base": str(ports.node_port_base),
+        "min_worker_port": str(ports.min_worker),
+        "max_worker_port": str(ports.max_worker),
+        "node_port_stride": str(ports.node_port_stride),
+        "container_args": _container_args(req),
+        "gpu_args": gpu_args,
+        "payload": shlex.quote(payload_command),
+    })
+    return render_sbatch_header(req) + body
+
+
+def render_conversion_job(
+    req: SlurmJobRequest,
+    *,
+    nproc_per_node: int,
+    master_port: int,
+    command_args: list[str],
+    python: str = "python3",
+) -> str:
+    """An sbatch script running `torchrun` on every node: one `srun` task per node.
+
+    Each task execs `python -m torch.distributed.run --nnodes=$SLURM_NNODES
+    --node-rank=$SLURM_NODEID --nproc-per-node=N --master-addr=<first node> --master-port=P
+    <command_args...>`; world size = nodes * nproc_per_node.
+    """
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node={nproc_per_node}: must be >= 1")
+    if not 1024 <= master_port < 32768:
+        raise ValueError(f"master_port={master_port}: use a port in 1024..32767 (below the ephemeral range)")
+    if not command_args:
+        raise ValueError("command_args is empty: give a script path or '-m', 'module', then its arguments")
+    if req.signal_before_deadline_s is not None:
+        raise ValueError(
+            "signal_before_deadline_s is not supported for conversion jobs: they are rerun from "
+            "the start, so leave it unset"
+        )
+    env = _export_lines(req.extra_env)
+    body = fill_template("conversion.sh", {
+        "extra_env": env + "\n" if env else "",
+        "python": shlex.quote(python),
+        "master_port": str(master_port),
+        "nproc_per_node": str(nproc_per_node),
+        "container_args": _container_args(req),
+        "command_args": " ".join(shlex.quote(arg) for arg in command_args),
+    })
+    return render_sbatch_header(req) + body
+
+
+#: Exit status of `kimi_core.pipeline.fallback` after a signal-triggered save (the job requeues).
+PIPELINE_REQUEUE_EXIT = 3
+
+_GPU_ENGINE_NOTE = (
+    "# NOTE: the fallback driver runs the in-process local engine (kimi_core.engines.local, single\n"
+    "# process); the Megatron + SGLang engine this GPU recipe needs is not implemented in it yet, so\n"
+    "# this script is rendered faithfully from the recipe but cannot train it as is.\n"
+)
+
+
+def fallback_driver_args(
+    *, recipe_path: str, run_name: str, base_dir: str, cluster_profile: str | None, overrides: list[str]
+) -> list[str]:
+    """Arguments of `python -m kimi_core.pipeline.fallback` for one run (unquoted)."""
+    args = [recipe_path, "--run-name", run_name, "--base-dir", base_dir]
+    args += ["--cluster", cluster_profile] if cluster_profile else []
+    for assignment in overrides:
+        args += ["--set", assignment]
+    return args
+
+
+def render_pipeline_sbatch(
+    req: SlurmJobRequest,
+    *,
+    recipe_path: str,
+    run_name: str,
+    base_dir: str,
+    cluster_profile: str | None,
+    overrides: list[str],
+    python: str = "python3",
+    workdir: str | None = None,
+) -> str:
+    """An sbatch script running the whole pipeline with the fallback driver, requeued on preemption.
+
+    The batch shell exports `req.extra_env` and `KIMI_GRPO_BASE_DIR=base_dir`, sets
+    `NCCL_NVLS_ENABLE` to 1 only where `nvidia-smi topo -m` shows NVLink (unless already set),
+    starts `python -m kimi_core.pipeline.fallback RECIPE --run-name ... --base-dir ...
+    [--cluster P] [--set k=v ...]` in the background (through `srun --container-image` when the
+    request names an image), forwards SIGUSR1/SIGTERM to it as SIGUSR1 and waits until it really
+    exits. Exit 3 (saved for a requeue) -> `scontrol requeue $SLURM_JOB_ID`, exit 0; otherwise the
+    driver's status. `workdir` None = the submission directory (sbatch's default).
+    """
+    if not req.requeue:
+        raise ValueError("the pipeline job resumes through a requeue: build the request with requeue=True")
+    if not recipe_path.strip() or not base_dir.strip():
+        raise ValueError("recipe_path and base_dir must be non-empty")
+    args = fallback_driver_args(recipe_path=recipe_path, run_name=run_name, base_dir=base_dir,
+                                cluster_profile=cluster_profile, overrides=overrides)
+    launcher = ""
+    if req.container_image:
+        launcher = f"srun --nodes=1 --ntasks=1{_container_args(req)} "
+    if workdir is None:
+        cd_line = "# Working directory: the submission directory (sbatch's default).\n"
+    else:
+        cd_line = f"cd {shlex.quote(workdir)} || exit 1\n"
+    body = fill_template("pipeline.sh", {
+        "engine_note": _GPU_ENGINE_NOTE if req.gpus_per_node else "",
+        "extra_env": _export_lines(req.extra_env),
+        "base_dir": shlex.quote(base_dir),
+        "workdir": cd_line,
+        "python": shlex.quote(python),
+        "driver_args": " ".join(shlex.quote(arg) for arg in args),
+        "launcher": launcher,
+        "requeue_exit": str(PIPELINE_REQUEUE_EXIT),
+    })
+    return render_sbatch_header(req) + body

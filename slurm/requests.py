@@ -1,0 +1,147 @@
+"""Typed requests for Slurm jobs and Ray-on-Slurm port layouts (validated when built)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_TIME_RE = re.compile(r"^\d+:[0-5]\d:[0-5]\d$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MEM_RE = re.compile(r"^\d+[KMGT]?$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/#@+-]*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SlurmJobRequest(_Frozen):
+    """One Slurm allocation: what `#SBATCH` lines and submitit parameters are rendered from."""
+
+    job_name: str
+    """Slurm job name (`--job-name`); letters, digits, `_`, `.`, `-`."""
+    nodes: int = Field(ge=1)
+    """Number of nodes (`--nodes`)."""
+    gpus_per_node: int = Field(ge=0)
+    """GPUs per node (`--gpus-per-node`); 0 for CPU-only jobs."""
+    cpus_per_task: int = Field(ge=1)
+    """CPUs per task; the rendered scripts run one task per node, so this is CPUs per node."""
+    partition: str
+    """Partition (`--partition`)."""
+    time_limit: str
+    """Wall-clock limit "HH:MM:SS" (hours may exceed 24, e.g. "48:00:00")."""
+    output_dir: str
+    """Directory of the job's stdout/stderr file (`%x-%j.out` inside it)."""
+    mem: str | None = None
+    """Memory per node (`--mem`), e.g. "200G"; exclusive with mem_per_gpu."""
+    mem_per_gpu: str | None = None
+    """Memory per GPU (`--mem-per-gpu`), e.g. "120G"; exclusive with mem."""
+    account: str | None = None
+    """Account to charge (`--account`)."""
+    qos: str | None = None
+    """Quality of service (`--qos`)."""
+    container_image: str | None = None
+    """Container image for every `srun` step (pyxis `--container-image`); None runs on the host."""
+    requeue: bool = False
+    """Let Slurm requeue the job after preemption or node failure (`--requeue`)."""
+    signal_before_deadline_s: int | None = Field(default=None, ge=1)
+    """Send SIGUSR1 to the batch shell this many seconds before the time limit."""
+    extra_env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables exported at the top of the script."""
+    exclusive: bool = False
+    """Whole nodes only (`--exclusive`)."""
+
+    @field_validator("job_name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"job_name {value!r}: use letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("time_limit")
+    @classmethod
+    def _check_time(cls, value: str) -> str:
+        if not _TIME_RE.match(value):
+            raise ValueError(f"time_limit {value!r}: expected HH:MM:SS, e.g. '48:00:00'")
+        return value
+
+    @field_validator("container_image")
+    @classmethod
+    def _check_image(cls, value: str | None) -> str | None:
+        if value is not None and not _IMAGE_RE.match(value):
+            raise ValueError(f"container_image {value!r}: letters, digits and ._:/#@+- only")
+        return value
+
+    @field_validator("mem", "mem_per_gpu")
+    @classmethod
+    def _check_mem(cls, value: str | None) -> str | None:
+        if value is not None and not _MEM_RE.match(value):
+            raise ValueError(f"memory {value!r}: expected a number with an optional K/M/G/T suffix")
+        return value
+
+    @field_validator("extra_env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [key for key in value if not _ENV_KEY_RE.match(key)]
+        if bad:
+            raise ValueError(f"extra_env: invalid variable names {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> SlurmJobRequest:
+        if self.mem is not None and self.mem_per_gpu is not None:
+            raise ValueError("set only one of mem and mem_per_gpu")
+        if self.mem_per_gpu is not None and self.gpus_per_node == 0:
+            raise ValueError("mem_per_gpu needs gpus_per_node > 0; use mem for CPU jobs")
+        if self.signal_before_deadline_s is not None:
+            if self.signal_before_deadline_s >= self.time_limit_s:
+                raise ValueError(
+                    f"signal_before_deadline_s={self.signal_before_deadline_s} must be shorter "
+                    f"than time_limit={self.time_limit}"
+                )
+        return self
+
+    @property
+    def time_limit_s(self) -> int:
+        """The time limit in seconds."""
+        hours, minutes, seconds = (int(part) for part in self.time_limit.split(":"))
+        return hours * 3600 + minutes * 60 + seconds
+
+
+class RayPorts(_Frozen):
+    """Pinned Ray ports, all below Linux's ephemeral range (32768-60999) so nothing random collides.
+
+    Per-node ports are `node_port_base + k` (k = 0 node manager, 1 object manager, 2 metrics,
+    3 dashboard agent gRPC, 4 dashboard agent HTTP, 5 runtime-env agent) plus the worker range,
+    each shifted by `node_index * node_port_stride`. The stride is 0 on a real cluster (every node
+    is its own host); it must be > 0 when several Ray nodes share one host (the local test cluster).
+    """
+
+    gcs: int = Field(default=6379, ge=1024, le=32767)
+    """GCS server port on the head (`--port`)."""
+    dashboard: int = Field(default=8265, ge=1024, le=32767)
+    """Dashboard HTTP port on the head."""
+    client_server: int = Field(default=10001, ge=1024, le=32767)
+    """Ray client server port on the head."""
+    node_port_base: int = Field(default=6800, ge=1024, le=32767)
+    """First of the six per-node daemon ports."""
+    min_worker: int = Field(default=10002, ge=1024, le=32767)
+    """Lowest worker port."""
+    max_worker: int = Field(default=10999, ge=1024, le=32767)
+    """Highest worker port."""
+    node_port_stride: int = Field(default=0, ge=0)
+    """Added per node index to every per-node port (0 = same ports on every node)."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> RayPorts:
+        if self.min_worker > self.max_worker:
+            raise ValueError(f"min_worker={self.min_worker} > max_worker={self.max_worker}")
+        return self
+
+    def highest_port(self, *, num_nodes: int) -> int:
+        """The largest port any node uses; must stay below the ephemeral range."""
+        shift = (num_nodes - 1) * self.node_port_stride
+        return max(self.gcs, self.dashboard, self.client_server,
+                   self.node_port_base + 5 + shift, self.max_worker + shift)

@@ -1,0 +1,16 @@
+"""Retry policy shared by the tasks: only transient failures are retried (DESIGN §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kimi_core.failures import is_transient
+
+
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry when the failure is transient, never for permanent ones."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
+        return is_transient(exc)
+    return False

@@ -1,0 +1,158 @@
+"""The local pipeline end to end: real Prefect server, real MLflow server, real Ray, real files.
+
+Asserts what a user relies on: one MLflow run per run name with one metric point per rollout and
+eval points at the due rollouts only; re-running a complete run does no work; a run killed at any
+point (or whose engine dies during a save) continues at latest + 1 and ends with weights
+byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kimi_core.ray_local import RayHead, stop_local_ray_head
+from kimi_core.run_state import Manifest, RunPaths, latest_checkpoint
+from tests.pipeline.conftest import CLI, REPO, SMALL, cli_env, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+FINAL = "checkpoints/iter_0000005/model/model.safetensors"
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _stop_leftover_head(paths: RunPaths) -> None:
+    """A killed CLI leaves its Ray head running (it has its own session): stop it by pid."""
+    record = Manifest.load(paths).stages.get("bring_up_cluster")
+    if record is not None and record.status == "completed" and record.result:
+        stop_local_ray_head(RayHead(**record.result["head"]))
+
+
+def test_run_logs_to_mlflow_server_and_rerun_does_no_work(prefect_server, mlflow_server, base_dir: Path) -> None:
+    env = cli_env(prefect_server, MLFLOW_TRACKING_URI=mlflow_server)
+    proc = run_cli(["run", "configs/local.yaml", "--run-name", "tracked", "--base-dir", str(base_dir), *SMALL], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rollout 6/6" in proc.stderr and "ETA" in proc.stderr  # live progress lines
+
+    paths = RunPaths.of(base_dir, "tracked")
+    manifest = Manifest.load(paths)
+    assert manifest.finished and latest_checkpoint(paths) == 5
+    assert manifest.mlflow_tracking_uri == mlflow_server
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(manifest.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert run.data.params["rollout.num_rollout"] == "6"
+    assert run.data.params["grpo.eps_clip_high"] == "0.28"
+    assert run.data.tags["engine"] == "local" and run.data.tags["resume_count"] == "0"
+    assert _steps(client, run.info.run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]
+    assert _steps(client, run.info.run_id, "train/pg_loss") == [0, 1, 2, 3, 4, 5]
+    assert _steps(client, run.info.run_id, "eval/arith") == [0, 2, 5]  # before training, then after 2 and 5
+    assert _steps(client, run.info.run_id, "eval/arith/pass_at_4") == [0, 2, 5]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "plots", "eval", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/reward.png", "plots/eval.png"}
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert tables == {f"eval/samples_rollout_{i:07d}.json" for i in (0, 2, 5)}
+    assert run.data.tags["checkpoint.latest_rollout_id"] == "5"
+
+    before = paths.manifest.stat().st_mtime_ns
+    again = run_cli(["run", "configs/local.yaml", "--run-name", "tracked", "--base-dir", str(base_dir), *SMALL], env)
+    assert again.returncode == 0
+    assert "already complete" in again.stdout
+    assert paths.manifest.stat().st_mtime_ns == before  # nothing recorded: no stage, no attempt
+    assert _steps(client, run.info.run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]
+
+
+def _wait_for_latest(paths: RunPaths, at_least: int, proc: subprocess.Popen[str], timeout: float = 600) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        if paths.tracker.is_file() and (latest := latest_checkpoint(paths)) is not None and latest >= at_least:
+            return latest
+        time.sleep(0.1)
+    raise TimeoutError(f"no checkpoint >= {at_least} within {timeout} s")
+
+
+def test_kill_and_resume_is_bitwise_identical(prefect_server, base_dir: Path) -> None:
+    env = cli_env(prefect_server)
+    reference = run_cli(["run", "configs/local.yaml", "--run-name", "reference", "--base-dir", str(base_dir), *SMALL], env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    paths = RunPaths.of(base_dir, "killed")
+    args = ["run", "configs/local.yaml", "--run-name", "killed", "--base-dir", str(base_dir), *SMALL]
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_latest(paths, 1, proc)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))  # a random point of rollouts 2-3
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed_at = latest_checkpoint(paths)
+        run_id = Manifest.load(paths).mlflow_run_id
+
+        resumed = run_cli(args, env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finally:
+        _stop_leftover_head(paths)
+    manifest = Manifest.load(paths)
+    assert manifest.mlflow_run_id == run_id  # the same MLflow run, reopened
+    assert len(manifest.resume_history) == 2
+    restart = manifest.resume_history[1].start_rollout_id
+    assert restart is not None and restart - 1 >= killed_at
+    assert (paths.checkpoints / f"iter_{restart - 1:07d}").is_dir()  # continued at latest + 1
+    client = MlflowClient(manifest.mlflow_tracking_uri)
+    assert _steps(client, run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]  # no rollout logged twice
+    assert client.get_run(run_id).data.tags["resume_count"] == "1"
+    ours = (paths.run_dir / FINAL).read_bytes()
+    theirs = (RunPaths.of(base_dir, "reference").run_dir / FINAL).read_bytes()
+    assert ours == theirs
+
+
+def test_engine_killed_during_a_save_recovers_and_matches(prefect_server, base_dir: Path) -> None:
+    """The engine process dies halfway through writing checkpoint 3: the half-written checkpoint
+    never becomes the latest, the flow brings the session up again and resumes at 2."""
+    env = cli_env(prefect_server)
+    reference = run_cli(["run", "configs/local.yaml", "--run-name", "reference", "--base-dir", str(base_dir), *SMALL], env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    faulty = run_cli(["run", "configs/local.yaml", "--run-name", "faulty", "--base-dir", str(base_dir), *SMALL],
+                     cli_env(prefect_server, KIMI_GRPO_FAULT_AT_SAVE="3"))
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    assert "engine session lost" in faulty.stdout + faulty.stderr
+    paths = RunPaths.of(base_dir, "faulty")
+    assert (paths.run_dir / ".fault-at-save-3").exists()  # the fault did fire
+    manifest = Manifest.load(paths)
+    assert [a.start_rollout_id for a in manifest.resume_history] == [0, 2]
+    assert (paths.run_dir / FINAL).read_bytes() == (RunPaths.of(base_dir, "reference").run_dir / FINAL).read_bytes()
+    assert not list(paths.checkpoints.glob("*.tmp-*"))
+
+
+def test_deployment_runs_through_a_process_worker(prefect_server, base_dir: Path) -> None:
+    env = cli_env(prefect_server, KIMI_GRPO_REPO=str(REPO))
+    prefect = [str(Path(CLI[0]).with_name("prefect"))]
+
+    def prefect_cli(*args: str, timeout: float = 300) -> str:
+        proc = subprocess.run([*prefect, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    prefect_cli("work-pool", "create", "kimi-local", "--type", "process", "--overwrite")
+    prefect_cli("--no-prompt", "deploy", "--all")
+    overrides = json.dumps([a for a in SMALL[2:] if a != "--set"])
+    out = prefect_cli("deployment", "run", "kimi-k25-grpo/local", "-p", f"base_dir={base_dir}",
+                      "-p", "num_rollout=3", "-p", f"overrides={overrides}", "-p", "run_name=deployed")
+    flow_run_id = out.split("/runs/flow-run/")[1].split()[0].strip()
+    prefect_cli("worker", "start", "--pool", "kimi-local", "--run-once", timeout=600)
+    state = prefect_cli("flow-run", "inspect", flow_run_id)
+    assert "COMPLETED" in state.upper().replace("'", "")
+    paths = RunPaths.of(base_dir, "deployed")
+    assert Manifest.load(paths).finished and latest_checkpoint(paths) == 2

@@ -1,0 +1,185 @@
+"""Tests against the real local Slurm cluster (two fake nodes n1, n2 with 8 fake GPUs each).
+
+Start it with tests/slurm/start-local-slurm.sh; without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import operator
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import pytest
+import submitit
+
+from slurm.executors import (cancel_jobs, make_executor, sbatch_script, slurm_job_state,
+                             submit_or_reattach)
+from slurm.render import render_conversion_job, render_ray_up
+from slurm.requests import RayPorts, SlurmJobRequest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+T = TypeVar("T")
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+# Two Ray nodes share this host, so the second one gets its ports shifted by the stride.
+LOCAL_RAY_PORTS = RayPorts(gcs=26379, dashboard=28265, client_server=20001, node_port_base=26800,
+                           min_worker=20002, max_worker=20999, node_port_stride=1000)
+
+
+def wait_until(predicate: Callable[[], T], *, timeout_s: float, what: str) -> T:
+    """Poll `predicate()` until truthy; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def request(tmp_path: Path, *, nodes: int = 1, gpus_per_node: int = 0, cpus: int = 1) -> SlurmJobRequest:
+    return SlurmJobRequest(
+        job_name=f"kimi-test-{uuid.uuid4().hex[:8]}", nodes=nodes, gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus, partition="debug", time_limit="00:10:00", output_dir=str(tmp_path),
+    )
+
+
+def jobs_named(name: str) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-S", "now-1hour",
+                          "--name", name],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+@pytest.mark.timeout(180)
+def test_submitit_result_and_reattach(tmp_path: Path) -> None:
+    req = request(tmp_path)
+    executor = make_executor("slurm", tmp_path, request=req)
+    job = submit_or_reattach(executor, operator.add, 2, 3, job_id=None, folder=tmp_path)
+    assert job.result() == 5
+    wait_until(lambda: slurm_job_state(job.job_id) == "COMPLETED", timeout_s=60,
+               what=f"job {job.job_id} COMPLETED in sacct")
+
+    again = submit_or_reattach(executor, operator.add, 2, 3, job_id=job.job_id, folder=tmp_path)
+    assert isinstance(again, submitit.SlurmJob)
+    assert again.job_id == job.job_id
+    assert again.result() == 5
+    # sacct's name filter can lag a moment behind its job-id lookup: wait for the record.
+    named = wait_until(lambda: jobs_named(req.job_name), timeout_s=30, what="sacct by name")
+    assert named == [job.job_id]
+
+
+@pytest.mark.timeout(180)
+def test_job_dying_without_result_raises_and_is_resubmitted(tmp_path: Path) -> None:
+    req = request(tmp_path)
+    executor = make_executor("slurm", tmp_path, request=req)
+    # os._exit skips submitit's result writing: the job dies without a result (exit status 3).
+    job = submit_or_reattach(executor, os._exit, 3, job_id=None, folder=tmp_path)
+    with pytest.raises((submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError)):
+        job.result()
+    assert slurm_job_state(job.job_id) not in {"PENDING", "RUNNING", "COMPLETED", "UNKNOWN"}
+
+    retry = submit_or_reattach(executor, operator.add, 1, 1, job_id=job.job_id, folder=tmp_path)
+    assert retry.job_id != job.job_id
+    assert retry.result() == 2
+
+
+def ray_processes(job_id: str, temp_dir: str) -> list[psutil.Process]:
+    """Processes of the job: its SLURM_JOB_ID in their environment or its Ray temp dir in argv."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            cmdline = " ".join(proc.cmdline())
+            environ = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if environ.get("SLURM_JOB_ID") == job_id or temp_dir in cmdline:
+            found.append(proc)
+    return found
+
+
+def first_line(path: Path, prefix: str) -> str | None:
+    """The first line of `path` starting with `prefix` (None while there is none)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return next((line for line in lines if line.startswith(prefix)), None)
+
+
+PAYLOAD = """import json, ray
+ray.init()
+nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+print("PAYLOAD " + json.dumps({
+    "gpus": ray.cluster_resources()["GPU"],
+    "head": [k[11:] for r in nodes if "node:__internal_head__" in r for k in r if k.startswith("slurm_node_")],
+    "nodes": sorted(k[11:] for r in nodes for k in r if k.startswith("slurm_node_")),
+}), flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_ray_up_spans_both_nodes_and_scancel_leaves_nothing(tmp_path: Path) -> None:
+    req = request(tmp_path, nodes=2, gpus_per_node=8, cpus=2)
+    (tmp_path / "payload.py").write_text(PAYLOAD)
+    payload = f"{sys.executable} {tmp_path / 'payload.py'} && sleep 600"
+    script = tmp_path / "ray_up.sbatch"
+    script.write_text(render_ray_up(req, payload_command=payload, ports=LOCAL_RAY_PORTS,
+                                    python=sys.executable, readiness_timeout_s=120))
+    job_id = sbatch_script(script, cwd=tmp_path)
+    output = tmp_path / f"{req.job_name}-{job_id}.out"
+    temp_dir = f"/tmp/ray-{os.getuid()}-{job_id}/"
+    try:
+        line = wait_until(lambda: first_line(output, "PAYLOAD "), timeout_s=180,
+                          what=f"the payload line in {output}")
+        report = json.loads(line[len("PAYLOAD "):])
+        assert report == {"gpus": 16.0, "head": ["n1"], "nodes": ["n1", "n2"]}
+        assert ray_processes(job_id, temp_dir), "no Ray processes found for a running job"
+    finally:
+        cancel_jobs([job_id])
+    wait_until(lambda: slurm_job_state(job_id) == "CANCELLED", timeout_s=60,
+               what=f"job {job_id} CANCELLED")
+    wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True,
+                                          text=True).stdout.strip(),
+               timeout_s=60, what=f"job {job_id} to leave the queue")
+    left = wait_until(lambda: not ray_processes(job_id, temp_dir) or None, timeout_s=30,
+                      what=f"no processes of job {job_id} left")
+    assert left
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+ALL_REDUCE = """import os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+total = torch.tensor([float(rank)])
+dist.all_reduce(total)
+print(f"RANK {rank} of {world} on {os.environ['SLURMD_NODENAME']} sum={total.item():g}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_conversion_job_all_reduce_across_two_nodes(tmp_path: Path) -> None:
+    req = request(tmp_path, nodes=2, cpus=2)
+    (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
+    script = tmp_path / "convert.sbatch"
+    script.write_text(render_conversion_job(req, nproc_per_node=2, master_port=23456,
+                                            command_args=[str(tmp_path / "all_reduce.py")],
+                                            python=sys.executable))
+    job_id = sbatch_script(script, cwd=tmp_path)
+    state = wait_until(lambda: (s := slurm_job_state(job_id)) in TERMINAL and s, timeout_s=180,
+                       what=f"job {job_id} to finish")
+    output = (tmp_path / f"{req.job_name}-{job_id}.out").read_text()
+    assert state == "COMPLETED", output
+    ranks = sorted(line.split()[1:] for line in output.splitlines() if line.startswith("RANK "))
+    # 4 ranks 0..3: every rank prints 0 + 1 + 2 + 3 = 6; ranks 0, 1 on n1 and 2, 3 on n2.
+    assert ranks == [["0", "of", "4", "on", "n1", "sum=6"], ["1", "of", "4", "on", "n1", "sum=6"],
+                     ["2", "of", "4", "on", "n2", "sum=6"], ["3", "of", "4", "on", "n2", "sum=6"]]
