@@ -11,11 +11,12 @@ import os
 import threading
 from typing import Any
 
-from kimi_core.engines.local import EngineInputs, LocalEngine
+from kimi_core.engines import make_engine
+from kimi_core.engines.local import EngineInputs
 from kimi_core.pipeline.context import RunContext
 from kimi_core.ray_local import ray_env
 from kimi_core.recipe import plan_run
-from kimi_core.run_state import latest_checkpoint
+from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 
 
 #: File in each checkpoint directory: metrics of the rollouts since the previous checkpoint.
@@ -38,7 +39,7 @@ class EngineSession:
         self.recipe = ctx.recipe()
         self.paths = ctx.paths(self.recipe)
         self.plan = plan_run(self.recipe)
-        self.engine = LocalEngine(self.recipe, paths=self.paths, inputs=inputs)
+        self.engine = make_engine(self.recipe, paths=self.paths, inputs=inputs)
         self.next_rollout = -1
         self.done: dict[int, dict[str, Any]] = {}
         self.unsaved: dict[int, dict[str, float]] = {}  # metrics of rollouts since the last save
@@ -50,6 +51,10 @@ class EngineSession:
         with self._lock:
             self.done.clear()
             self.unsaved.clear()
+            # This session is the run's only checkpoint writer: temp dirs left here are saves an
+            # earlier process did not finish (never the latest: the tracker moves last).
+            for partial in cleanup_incomplete(self.paths):
+                print(f"removed the unfinished save {partial}", flush=True)
             self.next_rollout = self.engine.start(latest_checkpoint(self.paths))
             return self.next_rollout
 

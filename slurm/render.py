@@ -159,9 +159,9 @@ def render_conversion_job(
 PIPELINE_REQUEUE_EXIT = 3
 
 _GPU_ENGINE_NOTE = (
-    "# NOTE: the fallback driver runs the in-process local engine (kimi_core.engines.local, single\n"
-    "# process); the Megatron + SGLang engine this GPU recipe needs is not implemented in it yet, so\n"
-    "# this script is rendered faithfully from the recipe but cannot train it as is.\n"
+    "# NOTE: the Megatron + SGLang engine this GPU recipe needs is not implemented yet: the data and\n"
+    "# checkpoint stages run, then the engine session stops with NotImplementedError (see\n"
+    "# kimi_core.engines.make_engine). The script is rendered faithfully from the recipe.\n"
 )
 
 

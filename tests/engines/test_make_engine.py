@@ -1,0 +1,28 @@
+"""Engine selection: the CPU recipe gets the torch engine; a GPU recipe gets a clear NotImplementedError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kimi_core.engines import make_engine
+from kimi_core.engines.local import EngineInputs, LocalEngine
+from kimi_core.recipe import load_recipe
+from kimi_core.run_state import RunPaths
+
+REPO = Path(__file__).resolve().parents[2]
+INPUTS = EngineInputs(train_data="train.jsonl", eval_data={}, initial_checkpoint="model")
+
+
+def test_cpu_recipe_gets_the_local_engine(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "configs/local.yaml", base_dir=str(tmp_path))
+    engine = make_engine(recipe, paths=RunPaths.of(tmp_path, "r"), inputs=INPUTS)
+    assert isinstance(engine, LocalEngine)
+
+
+def test_gpu_recipe_names_the_missing_engine(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "configs/kimi-k25-grpo.yaml", base_dir=str(tmp_path))
+    assert recipe.cluster.accelerator == "gpu"
+    with pytest.raises(NotImplementedError, match="Megatron \\+ SGLang engine"):
+        make_engine(recipe, paths=RunPaths.of(tmp_path, "r"), inputs=INPUTS)
