@@ -61,8 +61,14 @@ def short_temp_dir(prefix: str = "kr-") -> str:
 
 
 def ray_env() -> dict[str, str]:
-    """Environment for Ray processes and drivers: loopback only, no usage stats."""
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    """Environment for Ray processes and drivers: loopback only, no usage stats, no token auth.
+
+    Token auth is off explicitly: Ray (2.5x+) turns it on for a new head whenever a token file
+    exists (a plain `ray.init()` anywhere on the machine writes `~/.ray/auth_token`), and then
+    drivers started without the token cannot connect. These heads listen on 127.0.0.1 only.
+    """
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled"}
 
 
 @dataclass(frozen=True)

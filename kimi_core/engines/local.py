@@ -243,8 +243,11 @@ class LocalEngine:
 
 
 #: Test hook (fault injection): with `KIMI_GRPO_FAULT_AT_SAVE=<rollout_id>` the process that saves
-#: that rollout kills itself with SIGKILL halfway through writing the checkpoint, once per run.
+#: that rollout stops halfway through writing the checkpoint, once per run: it kills itself with
+#: SIGKILL, or with `KIMI_GRPO_FAULT_MODE=pause` it waits there (up to 10 minutes) so that a test
+#: can kill the whole machine's processes mid-save. The marker file is written first.
 FAULT_AT_SAVE_ENV = "KIMI_GRPO_FAULT_AT_SAVE"
+FAULT_MODE_ENV = "KIMI_GRPO_FAULT_MODE"
 
 
 def _fault_injection_point(paths: RunPaths, rollout_id: int) -> None:
@@ -254,4 +257,7 @@ def _fault_injection_point(paths: RunPaths, rollout_id: int) -> None:
     if marker.exists():
         return
     marker.touch()
+    if os.environ.get(FAULT_MODE_ENV) == "pause":
+        time.sleep(600)
+        return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -13,6 +13,9 @@ fi
 {{extra_env}}# 1 is Ray's default on Linux; 0 would make `ray start --address` refuse to join the head.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 export RAY_USAGE_STATS_ENABLED=0
+# Ray turns token auth on for a head whenever a token file exists (~/.ray/auth_token); nodes and
+# drivers must then all hold it. Off unless the site opts in by exporting RAY_AUTH_MODE=token.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 START_TIME=$EPOCHREALTIME
 PYTHON={{python}}

@@ -8,6 +8,7 @@ byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +27,42 @@ from tests.pipeline.conftest import CLI, REPO, SMALL, cli_env, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FINAL = "checkpoints/iter_0000005/model/model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def reference_final(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The final policy safetensors of an uninterrupted run of the small recipe."""
+    base = tmp_path_factory.mktemp("reference")
+    proc = run_cli(["run", "configs/local.yaml", "--run-name", "reference", "--base-dir", str(base), *SMALL],
+                   cli_env(prefect_server))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (RunPaths.of(base, "reference").run_dir / FINAL).read_bytes()
+
+
+def _kill_machine(proc: subprocess.Popen[str], paths: RunPaths) -> None:
+    """SIGKILL everything the run started: the CLI's process group and the Ray head's processes
+    (with the engine actor), as a lost machine would."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    record = Manifest.load(paths).stages.get("bring_up_cluster")
+    if record is None or not record.result:
+        return
+    head = RayHead(**record.result["head"])
+    victims = [psutil.Process(pid) for pid in _head_pids(head)]
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+    psutil.wait_procs(victims, timeout=30)
+
+
+def _head_pids(head: RayHead) -> set[int]:
+    pids: set[int] = set()
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == head.pid:
+                pids.add(proc.pid)
+                pids.update(child.pid for child in proc.children(recursive=True))
+    return pids
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -83,10 +121,8 @@ def _wait_for_latest(paths: RunPaths, at_least: int, proc: subprocess.Popen[str]
     raise TimeoutError(f"no checkpoint >= {at_least} within {timeout} s")
 
 
-def test_kill_and_resume_is_bitwise_identical(prefect_server, base_dir: Path) -> None:
+def test_kill_and_resume_is_bitwise_identical(prefect_server, reference_final: bytes, base_dir: Path) -> None:
     env = cli_env(prefect_server)
-    reference = run_cli(["run", "configs/local.yaml", "--run-name", "reference", "--base-dir", str(base_dir), *SMALL], env)
-    assert reference.returncode == 0, reference.stderr[-3000:]
 
     paths = RunPaths.of(base_dir, "killed")
     args = ["run", "configs/local.yaml", "--run-name", "killed", "--base-dir", str(base_dir), *SMALL]
@@ -113,17 +149,13 @@ def test_kill_and_resume_is_bitwise_identical(prefect_server, base_dir: Path) ->
     client = MlflowClient(manifest.mlflow_tracking_uri)
     assert _steps(client, run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]  # no rollout logged twice
     assert client.get_run(run_id).data.tags["resume_count"] == "1"
-    ours = (paths.run_dir / FINAL).read_bytes()
-    theirs = (RunPaths.of(base_dir, "reference").run_dir / FINAL).read_bytes()
-    assert ours == theirs
+    assert (paths.run_dir / FINAL).read_bytes() == reference_final
 
 
-def test_engine_killed_during_a_save_recovers_and_matches(prefect_server, base_dir: Path) -> None:
+def test_engine_killed_during_a_save_recovers_and_matches(prefect_server, reference_final: bytes,
+                                                          base_dir: Path) -> None:
     """The engine process dies halfway through writing checkpoint 3: the half-written checkpoint
     never becomes the latest, the flow brings the session up again and resumes at 2."""
-    env = cli_env(prefect_server)
-    reference = run_cli(["run", "configs/local.yaml", "--run-name", "reference", "--base-dir", str(base_dir), *SMALL], env)
-    assert reference.returncode == 0, reference.stderr[-3000:]
     faulty = run_cli(["run", "configs/local.yaml", "--run-name", "faulty", "--base-dir", str(base_dir), *SMALL],
                      cli_env(prefect_server, KIMI_GRPO_FAULT_AT_SAVE="3"))
     assert faulty.returncode == 0, faulty.stderr[-3000:]
@@ -132,8 +164,39 @@ def test_engine_killed_during_a_save_recovers_and_matches(prefect_server, base_d
     assert (paths.run_dir / ".fault-at-save-3").exists()  # the fault did fire
     manifest = Manifest.load(paths)
     assert [a.start_rollout_id for a in manifest.resume_history] == [0, 2]
-    assert (paths.run_dir / FINAL).read_bytes() == (RunPaths.of(base_dir, "reference").run_dir / FINAL).read_bytes()
+    assert (paths.run_dir / FINAL).read_bytes() == reference_final
+    assert not list(paths.checkpoints.glob("*.tmp-*"))  # the unfinished save was removed on resume
+
+
+def test_whole_run_killed_during_a_save_resumes_and_matches(prefect_server, reference_final: bytes,
+                                                            base_dir: Path) -> None:
+    """Every process of the run (CLI, Ray head, engine) is SIGKILLed while checkpoint 3 is half
+    written: the same command continues at 2 and ends byte-identical to the uninterrupted run."""
+    paths = RunPaths.of(base_dir, "crashed")
+    args = ["run", "configs/local.yaml", "--run-name", "crashed", "--base-dir", str(base_dir), *SMALL]
+    env = cli_env(prefect_server, KIMI_GRPO_FAULT_AT_SAVE="3", KIMI_GRPO_FAULT_MODE="pause")
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not (paths.run_dir / ".fault-at-save-3").exists():  # the engine is inside save 3 now
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached save 3"
+            time.sleep(0.1)
+        assert list(paths.checkpoints.glob("iter_0000003.tmp-*"))  # half written ...
+        assert latest_checkpoint(paths) == 1  # ... and not the latest
+        _kill_machine(proc, paths)
+        resumed = run_cli(args, cli_env(prefect_server))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _stop_leftover_head(paths)
+    manifest = Manifest.load(paths)
+    assert [a.start_rollout_id for a in manifest.resume_history] == [0, 2]
+    assert (paths.run_dir / FINAL).read_bytes() == reference_final
     assert not list(paths.checkpoints.glob("*.tmp-*"))
+    client = MlflowClient(manifest.mlflow_tracking_uri)
+    assert _steps(client, manifest.mlflow_run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]
 
 
 def test_deployment_runs_through_a_process_worker(prefect_server, base_dir: Path) -> None:

@@ -48,23 +48,31 @@ def _cluster_problem(env: dict[str, str]) -> str | None:
     return None
 
 
+def _unavailable(reason: str) -> None:
+    """Skip, or fail when the run requires the cluster (`.ci/run` sets KIMI_GRPO_REQUIRE_SLURM=1
+    when its start script failed, so a broken cluster turns CI red instead of skipping)."""
+    if os.environ.get("KIMI_GRPO_REQUIRE_SLURM") == "1":
+        pytest.fail(f"the local Slurm cluster is required here: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[dict[str, str]]:
     """The local two-node cluster's environment (SLURM_CONF ...); skips when it is not running."""
     if shutil.which("sinfo") is None:
-        pytest.skip("Slurm is not installed (no sinfo); run tests/slurm/start-local-slurm.sh")
+        _unavailable("Slurm is not installed (no sinfo); run tests/slurm/start-local-slurm.sh")
     state = Path(os.environ.get("KIMI_SLURM_STATE", DEFAULT_STATE_DIR))
     env_file = state / "env"
     if not env_file.is_file():
-        pytest.skip(f"local Slurm cluster not started ({env_file} missing); "
+        _unavailable(f"local Slurm cluster not started ({env_file} missing); "
                     "run tests/slurm/start-local-slurm.sh")
     if not _daemon_alive(state / "run" / "slurmctld.pid"):
-        pytest.skip(f"local Slurm cluster is not running (no live slurmctld per {state}/run); "
+        _unavailable(f"local Slurm cluster is not running (no live slurmctld per {state}/run); "
                     "run tests/slurm/start-local-slurm.sh")
     env = _read_env_file(env_file)
     problem = _cluster_problem(env)
     if problem:
-        pytest.skip(f"local Slurm cluster is not up: {problem}; run tests/slurm/start-local-slurm.sh")
+        _unavailable(f"local Slurm cluster is not up: {problem}; run tests/slurm/start-local-slurm.sh")
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     yield env
