@@ -14,7 +14,12 @@ architecture and warm-up sections, so a second run skips the warm-up. `--time-bu
 loop (after an eval) once the GRPO time passes it.
 
     python benchmarks/learning_curve.py [--config configs/local.yaml] [--workdir DIR]
-        [--rollouts N] [--time-budget S] [--threads 2] [--set key=value ...]
+        [--rollouts N] [--time-budget S] [--threads 1] [--set key=value ...]
+
+`--threads` sets torch's intra-op threads for the GRPO loop (the warm-up uses
+`model.warmup.num_threads`). One is the default: the tiny model's ops are too small to gain much
+from a second thread, and on a box whose other core is busy, OpenMP threads waiting on each other
+make a rollout many times slower.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="caches the base model and data; default: a temp dir")
     parser.add_argument("--rollouts", type=int, default=None, help="default: the recipe's rollout.num_rollout")
     parser.add_argument("--time-budget", type=float, default=600.0, help="stop after this many GRPO seconds")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the GRPO loop")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -50,6 +50,12 @@ class EngineInputs:
     initial_checkpoint: str
 
 
+def eval_generator(rollout_seed: int, rollout_id: int) -> torch.Generator:
+    """The sampling RNG of the eval after `rollout_id`: a stream of its own, seeded by the rollout id,
+    so evaluating never moves the training RNG and the same eval always draws the same samples."""
+    return torch.Generator().manual_seed(rollout_seed * 7919 + rollout_id + 1)
+
+
 class QATView(nn.Module):
     """The policy seen through fake INT4 quantization of its routed-expert weights (straight-through).
 
@@ -192,7 +198,7 @@ class LocalEngine:
     def evaluate(self, rollout_id: int) -> dict[str, float]:
         """avg@n, unbiased pass@k and length stats per eval set; its own RNG seeded by the rollout id."""
         r, ev = self.recipe, self.recipe.eval
-        generator = torch.Generator().manual_seed(r.rollout.seed * 7919 + rollout_id + 1)
+        generator = eval_generator(r.rollout.seed, rollout_id)
         n = ev.n_samples_per_prompt
         spec = SamplingSpec(n, ev.max_response_len or r.rollout.max_response_len,
                             r.rollout.temperature if ev.temperature is None else ev.temperature, ev.top_p)

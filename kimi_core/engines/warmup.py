@@ -13,12 +13,18 @@ the sampling distribution then has a measurable gain.
 Optimiser: AdamW at `spec.lr` with a linear ramp over the first 5% of the steps, then cosine decay
 to 0 (`lr_s = lr * 0.5 * (1 + cos(pi * (s - w) / (steps - w)))`); the annealed end makes a short
 warm-up markedly more accurate than a constant rate.
+
+Determinism: the same spec gives the same safetensors bytes. CPU matmul kernels split work by the
+intra-op thread count and round differently for some shapes (e.g. an expert's token count), so the
+warm-up runs on `spec.num_threads` threads whatever the caller set, and restores the caller's count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,8 +77,25 @@ def warmup_loss(model: KimiForCausalLM, sequences: list[list[int]], prompt_lens:
     return per_token[response].mean()
 
 
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with `torch.set_num_threads(count)`; the previous count is restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def build_base_model(arch: Architecture, out_dir: str | Path, *, spec: WarmupSection) -> dict[str, float]:
-    """Initialise the tiny model from `spec.seed`, warm it up, save it under `out_dir`; return stats."""
+    """Initialise the tiny model from `spec.seed`, warm it up on `spec.num_threads` threads, save it
+    under `out_dir`; return stats."""
+    with intra_op_threads(spec.num_threads):
+        return _build(arch, out_dir, spec=spec)
+
+
+def _build(arch: Architecture, out_dir: str | Path, *, spec: WarmupSection) -> dict[str, float]:
     started = time.perf_counter()
     tokenizer = KimiByteTokenizer()
     torch.manual_seed(spec.seed)

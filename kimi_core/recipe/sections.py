@@ -81,6 +81,10 @@ class WarmupSection(Section):
     lr: float = Field(default=3e-3, gt=0)
     seed: int = 0
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="eps of the label-smoothed loss: the base model's T=1 noise floor")
+    num_threads: int = Field(
+        default=1, gt=0,
+        description="torch intra-op threads of the warm-up; CPU matmuls round differently per thread count, so it is part of the base model's identity",
+    )
 
 
 class ModelSection(Section):
