@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ from kimi_core.recipe.sections import ClusterSection, Recipe
 BASE_DIR_ENV = "KIMI_GRPO_BASE_DIR"
 #: Keys a cluster profile may set (everything of the cluster section but the job's node count).
 PROFILE_KEYS = frozenset(ClusterSection.model_fields) - {"num_nodes"}
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, except that `1e-3` is the float it is in YAML 1.2 (PyYAML's 1.1 rules read it as a
+    string unless it has a dot: `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 class RecipeError(ValueError):
@@ -33,7 +43,7 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(str(path), [f"{what} file not found: {path}"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise RecipeError(str(path), [f"not valid YAML: {err}"]) from None
     if not isinstance(data, dict):
@@ -86,7 +96,7 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
         raise RecipeError("--set", [f"{assignment!r}: expected section.key=value"])
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise RecipeError("--set", [f"{key}: value {raw!r} is not valid YAML: {err}"]) from None
     node = data

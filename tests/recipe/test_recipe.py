@@ -14,6 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
 PROFILES = sorted((CONFIGS / "clusters").glob("*.yaml"))
 K25 = CONFIGS / "kimi-k25-grpo.yaml"
+LOCAL = CONFIGS / "local.yaml"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -122,7 +123,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
         ('rollout.rollout_batch_size="32"', "rollout.rollout_batch_size"),
         ("optimizer.lr=fast", "optimizer.lr"),
         ("grpo.use_tis=3", "grpo.use_tis"),
-        ("model.architecture.rms_norm_eps=1e-5", "model.architecture.rms_norm_eps"),  # YAML 1.1: a string
+        ("model.architecture.rms_norm_eps=tiny", "model.architecture.rms_norm_eps"),
         ("sglang.cuda_graph_bs=[1, two]", "sglang.cuda_graph_bs[1]"),
         ("rollout.rm_type=f1", "rollout.rm_type"),
     ],
@@ -189,3 +190,15 @@ def test_sections_cover_the_named_sections() -> None:
     expected = {"model", "checkpoint", "data", "rollout", "grpo", "optimizer", "parallel", "sglang",
                 "eval", "tracking", "cluster"}
     assert set(SECTIONS) == expected
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    """`1e-3` is a float (YAML 1.2), in files and in --set; a quoted one stays a string and is rejected."""
+    recipe = load_recipe(LOCAL, overrides=["optimizer.lr=1e-3", "grpo.eps_clip=2E-1"])
+    assert recipe.optimizer.lr == 1e-3 and recipe.grpo.eps_clip == 0.2
+    text = (LOCAL).read_text().replace("lr: 3.0e-4", "lr: 3e-4")
+    assert "lr: 3e-4" in text
+    (tmp_path / "r.yaml").write_text(text)
+    assert load_recipe(tmp_path / "r.yaml").optimizer.lr == 3e-4
+    with pytest.raises(RecipeError, match="optimizer.lr"):
+        load_recipe(LOCAL, overrides=['optimizer.lr="1e-3"'])
