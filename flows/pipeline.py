@@ -25,19 +25,21 @@ def kimi_k25_grpo(
     base_dir: str | None = None,
     num_rollout: int | None = None,
 ) -> dict[str, Any]:
-    """GRPO post-training: data -> model -> conversion -> cluster -> one task per rollout -> eval."""
+    """GRPO post-training: data -> model -> conversion (the cluster comes up meanwhile) -> one task per
+    rollout -> eval."""
     ctx = RunContext(recipe_path=recipe, run_name=run_name, cluster=cluster, overrides=tuple(overrides or ()),
                      base_dir=base_dir, num_rollout=num_rollout)
     validate(ctx)  # an invalid recipe fails here, before any job is submitted
     done = completed_run(ctx)
     if done is not None:
         return done
+    head = bring_up_cluster.submit(ctx)  # independent of the stages: the Ray head starts meanwhile
     data = prepare_data(ctx)
     model = acquire_model(ctx)
     convert_checkpoint(ctx, model)
     session = None
-    for _ in range(MAX_SESSION_REOPENS + 1):
-        cluster_info = bring_up_cluster(ctx)
+    for attempt in range(MAX_SESSION_REOPENS + 1):
+        cluster_info = head.result() if attempt == 0 else bring_up_cluster(ctx)
         session = open_session(ctx, cluster_info, data, model)
         try:
             run_rollouts(ctx, session)

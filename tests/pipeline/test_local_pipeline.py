@@ -56,6 +56,7 @@ def test_run_logs_to_mlflow_server_and_rerun_does_no_work(prefect_server, mlflow
     assert run.data.tags["engine"] == "local" and run.data.tags["resume_count"] == "0"
     assert _steps(client, run.info.run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]
     assert _steps(client, run.info.run_id, "train/pg_loss") == [0, 1, 2, 3, 4, 5]
+    assert _steps(client, run.info.run_id, "perf/step_time") == [0, 1, 2, 3, 4, 5]  # the orchestrator's timing
     assert _steps(client, run.info.run_id, "eval/arith") == [0, 2, 5]  # before training, then after 2 and 5
     assert _steps(client, run.info.run_id, "eval/arith/pass_at_4") == [0, 2, 5]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
