@@ -10,7 +10,7 @@ from kimi_core.failures import SessionLost
 from kimi_core.pipeline.context import RunContext
 from kimi_core.pipeline.driver import console
 from kimi_core.pipeline.status import completed_run, validate
-from tasks.session import bring_up_cluster, evaluate, finish, open_session, train_rollout
+from tasks.session import abort, bring_up_cluster, evaluate, finish, open_session, train_rollout
 from tasks.stages import acquire_model, convert_checkpoint, prepare_data
 
 MAX_SESSION_REOPENS = 3
@@ -25,29 +25,41 @@ def kimi_k25_grpo(
     base_dir: str | None = None,
     num_rollout: int | None = None,
 ) -> dict[str, Any]:
-    """GRPO post-training: data -> model -> conversion -> cluster -> one task per rollout -> eval."""
+    """GRPO post-training: data -> model -> conversion (the cluster comes up meanwhile) -> one task per
+    rollout -> eval."""
     ctx = RunContext(recipe_path=recipe, run_name=run_name, cluster=cluster, overrides=tuple(overrides or ()),
                      base_dir=base_dir, num_rollout=num_rollout)
     validate(ctx)  # an invalid recipe fails here, before any job is submitted
     done = completed_run(ctx)
     if done is not None:
         return done
-    data = prepare_data(ctx)
-    model = acquire_model(ctx)
-    convert_checkpoint(ctx, model)
-    session = None
-    for _ in range(MAX_SESSION_REOPENS + 1):
-        cluster_info = bring_up_cluster(ctx)
-        session = open_session(ctx, cluster_info, data, model)
+    session, head = None, None
+    try:
+        head = bring_up_cluster.submit(ctx)  # independent of the stages: the Ray head starts meanwhile
+        data = prepare_data(ctx)
+        model = acquire_model(ctx)
+        convert_checkpoint(ctx, model)
+        for attempt in range(MAX_SESSION_REOPENS + 1):
+            cluster_info = head.result() if attempt == 0 else bring_up_cluster(ctx)
+            session = open_session(ctx, cluster_info, data, model)
+            try:
+                run_rollouts(ctx, session)
+                break
+            except SessionLost as lost:
+                console.print(f"engine session lost ({lost}); bringing the cluster up again and resuming",
+                              style="yellow", markup=False)
+        else:
+            raise SessionLost(f"the engine session was lost {MAX_SESSION_REOPENS + 1} times; giving up")
+        return finish(ctx, session)
+    except BaseException as exc:
+        if head is not None:
+            head.wait()  # a head still starting would escape the clean-up
+        # Nothing of the run keeps running; its checkpoints and manifest stay for a resume.
         try:
-            run_rollouts(ctx, session)
-            break
-        except SessionLost as lost:
-            console.print(f"engine session lost ({lost}); bringing the cluster up again and resuming",
-                          style="yellow", markup=False)
-    else:
-        raise SessionLost(f"the engine session was lost {MAX_SESSION_REOPENS + 1} times; giving up")
-    return finish(ctx, session)
+            abort(ctx, session, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception as cleanup:  # noqa: BLE001 - report, but keep the run's own error
+            console.print(f"clean-up after the failure failed too: {cleanup}", style="red", markup=False)
+        raise
 
 
 def run_rollouts(ctx: RunContext, session: dict[str, Any]) -> None:

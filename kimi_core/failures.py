@@ -30,10 +30,37 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+#: Exception classes that, raised inside a stage job, are worth retrying (a job only reports its
+#: error as traceback text, so the class is read from the trace's last line).
+_TRANSIENT_IN_JOB = frozenset({
+    "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "ConnectionAbortedError",
+    "BrokenPipeError", "TimeoutError", "GetTimeoutError", "EndpointConnectionError", "ReadTimeoutError",
+})
+
+
+def job_error_class(trace: str) -> str | None:
+    """The exception class name on the last `Name: message` line of a job's traceback text."""
+    for line in reversed(trace.strip().splitlines()):
+        head = line.split(":", 1)[0].strip()
+        if head and " " not in head and head[0].isalpha() and (head.endswith(("Error", "Exception")) or "." in head):
+            return head.rsplit(".", 1)[-1]
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: lost connections, timeouts, preempted or lost jobs, I/O hiccups."""
+    """True for failures worth retrying: lost connections, timeouts, preempted or lost jobs, I/O hiccups.
+
+    A job whose own code raised (submitit's `FailedJobError`) is transient only when that error is:
+    bad data or a code error in a stage fails the same way on every attempt.
+    """
     if isinstance(exc, (PermanentFailure, SessionLost)):
         return False
+    try:
+        from submitit.core.utils import FailedJobError
+    except ImportError:  # pragma: no cover - submitit is a dependency
+        FailedJobError = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(exc, FailedJobError):
+        return job_error_class(str(exc)) in _TRANSIENT_IN_JOB
     if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET):
         return True
     return isinstance(exc, _transient_types())

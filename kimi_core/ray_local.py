@@ -179,8 +179,9 @@ def start_local_ray_head(
     command = _ray_command(
         temp_dir=temp_dir, ports=ports, num_cpus=num_cpus, object_store_memory=object_store_memory
     )
-    # No drain on SIGTERM: a local head has no Serve replicas to migrate; stop promptly.
-    env = {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    # No drain on SIGTERM: a local head has no Serve replicas to migrate; stop promptly. Workers at
+    # normal priority (Ray's default is nice 15): on a shared machine the engine actor is the work.
+    env = {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_worker_niceness": "0"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -1,7 +1,7 @@
 """The engine session: the engine held in one long-lived process (a detached, named Ray actor).
 
 `EngineSession` makes every per-rollout call idempotent, so a retried task re-attaches and never
-trains a rollout twice. `open_session` creates the actor or re-attaches to it by name.
+trains a rollout twice. `attach_session` creates the actor or re-attaches to it by name.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from kimi_core.engines import make_engine
-from kimi_core.engines.local import EngineInputs
+from kimi_core.engines.base import EngineInputs
 from kimi_core.pipeline.context import RunContext
 from kimi_core.ray_local import ray_env
 from kimi_core.recipe import plan_run
@@ -21,6 +21,17 @@ from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 
 #: File in each checkpoint directory: metrics of the rollouts since the previous checkpoint.
 ROLLOUT_METRICS_FILE = "rollout_metrics.json"
+#: Environment variable: torch threads of the engine (default `DEFAULT_THREADS`), for the flow and the fallback.
+THREADS_ENV = "KIMI_GRPO_THREADS"
+DEFAULT_THREADS = 1  # the engine actor ran no faster with 2 on a 2-core machine (orchestration benchmark)
+
+
+def engine_threads() -> int:
+    """Torch threads for the engine: `$KIMI_GRPO_THREADS`, else `DEFAULT_THREADS`."""
+    value = os.environ.get(THREADS_ENV, str(DEFAULT_THREADS))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${THREADS_ENV}={value!r}: expected a positive integer (torch threads of the engine)")
+    return int(value)
 
 
 class SessionOutOfStep(RuntimeError):
@@ -101,7 +112,7 @@ def actor_name(run_name: str) -> str:
     return f"kimi-grpo-engine-{run_name}"
 
 
-def open_session(
+def attach_session(
     *,
     address: str,
     namespace: str,
@@ -109,25 +120,23 @@ def open_session(
     inputs: EngineInputs,
     num_cpus: float = 1,
     num_threads: int | None = None,
-) -> tuple[Any, int, bool]:
-    """Connect to Ray, create or re-attach to the run's detached engine actor, and (re)start it.
+) -> tuple[Any, bool]:
+    """Connect to Ray and create or re-attach to the run's detached engine actor.
 
-    Returns `(actor handle, start_rollout_id, reattached)`.
+    Returns at once with `(actor handle, reattached)`: a new actor builds its engine in the
+    background; call `start` on it to (re)load the latest checkpoint.
     """
     import ray
 
     _connect(address, namespace)
     name = actor_name(ctx.name(ctx.recipe()))
     try:
-        actor = ray.get_actor(name, namespace=namespace)
-        reattached = True
+        return ray.get_actor(name, namespace=namespace), True
     except ValueError:
         remote_cls = ray.remote(EngineSession)
         actor = remote_cls.options(name=name, namespace=namespace, lifetime="detached", num_cpus=num_cpus, max_concurrency=2,
                                    max_restarts=0).remote(ctx, inputs, num_threads=num_threads)
-        reattached = False
-    start = ray.get(actor.start.remote())
-    return actor, start, reattached
+        return actor, False
 
 
 def get_session(name: str, *, address: str, namespace: str) -> Any:

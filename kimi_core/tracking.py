@@ -242,8 +242,10 @@ class RunTracker:
         return renamed
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value)[:MAX_TAG_VALUE])
+        """Set tags in one request."""
+        tag_list = [RunTag(key, str(value)[:MAX_TAG_VALUE]) for key, value in tags.items()]
+        for chunk in _chunks(tag_list, _BATCH):
+            self.client.log_batch(self.run_id, tags=list(chunk))
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """Sample generations as a JSON table `{"columns": [...], "data": [[...], ...]}`.

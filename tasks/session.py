@@ -12,10 +12,14 @@ from kimi_core.pipeline.context import RunContext
 from tasks.retry import transient_only
 
 
-@task(name="bring_up_cluster", retries=2, retry_delay_seconds=10, timeout_seconds=1800,
-      cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(name="bring_up_cluster", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=transient_only)
 def bring_up_cluster(ctx: RunContext) -> dict[str, Any]:
-    """A live Ray cluster for the run (reused when the manifest's is alive)."""
+    """A live Ray cluster for the run (reused when the manifest's is alive).
+
+    No task timeout: the flow runs this on a worker thread beside the stages, where a Prefect timeout
+    cannot interrupt a wait; the head's start has its own bounded readiness wait.
+    """
     return rollouts.bring_up_cluster(ctx)
 
 
@@ -45,3 +49,9 @@ def evaluate(ctx: RunContext, session: dict[str, Any], rollout_id: int) -> dict[
 def finish(ctx: RunContext, session: dict[str, Any] | None) -> dict[str, Any]:
     """Close the MLflow run, stop the engine and release the cluster."""
     return rollouts.finish(ctx, session)
+
+
+@task(name="abort", retries=0, timeout_seconds=300, cache_policy=NO_CACHE)
+def abort(ctx: RunContext, session: dict[str, Any] | None, status: str) -> None:
+    """The run stopped on an error: mark the MLflow run `status`, stop the engine and the local Ray head."""
+    rollouts.abort(ctx, session, status)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kimi_core.engines.local import EngineInputs, LocalEngine
+    from kimi_core.engines.base import EngineInputs
+    from kimi_core.engines.local import LocalEngine
     from kimi_core.recipe import Recipe
     from kimi_core.run_state import RunPaths
 
@@ -24,6 +25,7 @@ def make_engine(recipe: Recipe, *, paths: RunPaths, inputs: EngineInputs) -> Loc
             "Megatron + SGLang engine (miles' train.py) is not implemented here; run the rendered miles flags "
             "(kimi-grpo render --what miles-args) with miles, or use a CPU recipe such as configs/local.yaml"
         )
+    from kimi_core.engines.base import EngineInputs
     from kimi_core.engines.local import LocalEngine
 
     return LocalEngine(recipe, paths=paths, inputs=inputs)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """Files the engine reads: prepared data and the initial HF checkpoint."""
+
+    train_data: str
+    eval_data: dict[str, str]
+    initial_checkpoint: str
 
 
 class Engine(Protocol):

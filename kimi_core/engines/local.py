@@ -14,7 +14,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 from kimi_core import grpo
 from kimi_core.checkpoint.int4 import fake_quantize_int4
 from kimi_core.data import read_prepared
+from kimi_core.engines.base import EngineInputs
 from kimi_core.engines.prompts import PromptSampler
 from kimi_core.engines.rollout import SamplingSpec, collect_groups, sample_groups
 from kimi_core.engines.update import LossSpec, build_batch, train_steps
@@ -39,15 +39,6 @@ from kimi_core.run_state import (
     write_bytes_atomic,
 )
 from kimi_core.tokenizer import KimiByteTokenizer
-
-
-@dataclass(frozen=True)
-class EngineInputs:
-    """Files the engine reads: prepared data and the initial HF checkpoint."""
-
-    train_data: str
-    eval_data: dict[str, str]
-    initial_checkpoint: str
 
 
 def eval_generator(rollout_seed: int, rollout_id: int) -> torch.Generator:

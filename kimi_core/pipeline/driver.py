@@ -22,6 +22,9 @@ from kimi_core.run_state import Manifest, checkpoint_dir, latest_checkpoint
 from kimi_core.tracking import RunTracker, git_sha, resolve_tracking_uri
 
 console = Console(stderr=True, soft_wrap=True)
+#: Wall seconds of one rollout as the orchestrator sees it, from the start of its step to just before
+#: its metrics are logged; the metric's MLflow timestamp marks that end.
+STEP_TIME_METRIC = "perf/step_time"
 
 
 def cache_key(*parts: Any) -> str:
@@ -101,19 +104,28 @@ class RunDriver:
         history = self.tracker.client.get_metric_history(self.tracker.run_id, key)
         return {m.step for m in history}
 
+    def logged_eval_steps(self) -> set[int]:
+        """Steps at which the first eval set's score was already logged."""
+        names = [f"eval/{d.name}" for d in self.recipe.eval.datasets]
+        return self.logged_steps(names[0]) if names else set()
+
     # ---- rollouts ------------------------------------------------------------------------
-    def record_rollout(self, rollout_id: int, result: dict[str, Any], *, skip_metrics: bool = False) -> None:
+    def record_rollout(self, rollout_id: int, result: dict[str, Any], *, step_time: float,
+                       skip_metrics: bool = False) -> None:
+        """Log the rollout's metrics plus `perf/step_time` (the orchestrator's wall seconds for the
+        rollout, engine call and save included) at step = rollout_id; record its checkpoint URI."""
         if not skip_metrics:
-            self.tracker.log_metrics(result["metrics"], step=rollout_id)
+            self.tracker.log_metrics({**result["metrics"], STEP_TIME_METRIC: step_time}, step=rollout_id)
         if result.get("checkpoint"):
             self.tracker.log_checkpoint_uri(rollout_id, result["checkpoint"])
 
     def record_eval(self, rollout_id: int, result: dict[str, Any], *, skip_metrics: bool = False) -> None:
+        """Log the eval metrics and the sample table. The reward/eval PNG plots are drawn when the
+        run (or the attempt) ends, not here: rendering them costs more than a rollout of the local recipe."""
         if not skip_metrics:
             self.tracker.log_metrics(result["metrics"], step=rollout_id)
         if result["samples"]:
             self.tracker.log_table(result["samples"], f"eval/samples_rollout_{rollout_id:07d}.json")
-        self.tracker.log_curves_png()
 
     def resume_bookkeeping(self, start: int) -> dict[str, Any]:
         """What a (re)started session owes MLflow: rollouts logged so far (after back-filling those
@@ -128,8 +140,7 @@ class RunDriver:
                     if int(rollout_id) not in logged:
                         self.tracker.log_metrics(metrics, step=int(rollout_id))
                         logged.add(int(rollout_id))
-        names = [f"eval/{d.name}" for d in self.recipe.eval.datasets]
-        evals = self.logged_steps(names[0]) if names else set()
+        evals = self.logged_eval_steps()
         if start == 0:
             pending = [0] if self.plan.eval_before_train else []
         else:

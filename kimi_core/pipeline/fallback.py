@@ -14,18 +14,19 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from kimi_core.engines.local import EngineInputs
+from kimi_core.engines.base import EngineInputs
 from kimi_core.pipeline import stages
 from kimi_core.pipeline.context import RunContext
 from kimi_core.pipeline.driver import Progress, RunDriver, console
 from kimi_core.pipeline.jobs import convert_key, data_key, model_key
 from kimi_core.pipeline.status import completed_run
 from kimi_core.recipe import RecipeError
-from kimi_core.session import EngineSession
+from kimi_core.session import EngineSession, engine_threads
 
 REQUEUE_EXIT = 3
 
@@ -67,7 +68,7 @@ def run_in_allocation(ctx: RunContext) -> int:
     driver.open_tracking(attempt=attempt, engine="local")
     inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},
                           initial_checkpoint=model["hf_checkpoint"])
-    session = EngineSession(ctx, inputs, num_threads=int(os.environ.get("KIMI_GRPO_THREADS", "2")))
+    session = EngineSession(ctx, inputs, num_threads=engine_threads())
     _Stop.session = session
     start = session.start()
     driver.manifest.set_start_rollout(start)
@@ -77,13 +78,16 @@ def run_in_allocation(ctx: RunContext) -> int:
     for rollout_id in books["pending_evals"]:
         progress.eval(rollout_id, _evaluate(driver, session, rollout_id))
     for rollout_id in range(start, driver.recipe.rollout.num_rollout):
+        started = time.perf_counter()
         result = session.train_rollout(rollout_id)
-        driver.record_rollout(rollout_id, result, skip_metrics=rollout_id in logged)
+        driver.record_rollout(rollout_id, result, step_time=time.perf_counter() - started,
+                              skip_metrics=rollout_id in logged)
         progress.rollout(rollout_id, result["metrics"])
         if driver.plan.is_eval_due(rollout_id):
             progress.eval(rollout_id, _evaluate(driver, session, rollout_id))
         if _Stop.requested and result["checkpoint"] and rollout_id < driver.recipe.rollout.num_rollout - 1:
             console.print(f"saved rollout {rollout_id}; exiting for requeue")
+            driver.tracker.log_curves_png()
             driver.tracker.close("KILLED")
             return REQUEUE_EXIT
     driver.tracker.log_curves_png()
@@ -95,8 +99,7 @@ def run_in_allocation(ctx: RunContext) -> int:
 
 def _evaluate(driver: RunDriver, session: EngineSession, rollout_id: int) -> dict[str, float]:
     result = session.evaluate(rollout_id)
-    names = [f"eval/{d.name}" for d in driver.recipe.eval.datasets]
-    already = bool(names) and rollout_id in driver.logged_steps(names[0])
+    already = rollout_id in driver.logged_eval_steps()
     driver.record_eval(rollout_id, result, skip_metrics=already)
     return result["metrics"]
 

@@ -7,32 +7,27 @@ instead of submitting it again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+from kimi_core.failures import PermanentFailure, is_transient, job_error_class
 from kimi_core.pipeline import stages
 from kimi_core.pipeline.context import RunContext
 from kimi_core.pipeline.driver import RunDriver, cache_key, file_identity
 from kimi_core.recipe import Recipe, resolve_path
+# At import, not in run_job: importing submitit reconfigures logging (dictConfig), which can deadlock
+# with the flow's log handler when it happens while stage tasks run concurrently.
+from submitit.core.utils import FailedJobError
+
+from slurm.executors import make_executor, submit_or_reattach
+from slurm.from_recipe import stage_job_request
 
 STAGE_VERSION = "1"
 #: Time limit of a stage job run by submitit's local executor (its own default is 2 minutes).
 LOCAL_JOB_TIMEOUT_MIN = 4 * 60
-
-
-def _prepare_data(ctx: RunContext) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return stages.prepare_data(recipe, ctx.paths(recipe))
-
-
-def _acquire_model(ctx: RunContext) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return stages.acquire_model(recipe, ctx.paths(recipe))
-
-
-def _convert_checkpoint(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return stages.convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)
+#: Seconds between checks of a local stage job.
+LOCAL_POLL_S = 0.1
 
 
 def data_key(recipe: Recipe) -> str:
@@ -50,9 +45,6 @@ def model_key(recipe: Recipe) -> str:
 def run_job(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """Submit `fn(*args)` with the recipe's executor, re-attaching to an earlier attempt's job of the
     same stage and key instead of submitting again."""
-    from slurm.executors import make_executor, submit_or_reattach
-    from slurm.from_recipe import stage_job_request
-
     recipe = driver.recipe
     folder = driver.paths.logs / "jobs" / name
     executor = make_executor(recipe.cluster.executor, folder,
@@ -67,7 +59,17 @@ def run_job(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, 
     driver.manifest.record_stage(name, cache_key=key, result={"job_id": str(job.job_id)}, status="submitted")
     if recipe.cluster.executor == "slurm":
         driver.manifest.add_slurm_job_id(str(job.job_id))
-    return job.result()
+    else:
+        while not job.done():  # submitit looks once a second; a local job is watched more closely
+            time.sleep(LOCAL_POLL_S)
+    try:
+        return job.result()
+    except FailedJobError as exc:  # the stage's own code raised: say what, briefly, unless worth a retry
+        if is_transient(exc):
+            raise
+        last = next((line for line in reversed(str(exc).splitlines()) if job_error_class(line)), str(exc))
+        raise PermanentFailure(f"stage {name} (job {job.job_id}) failed: {last.strip()} "
+                               f"(full log: {job.paths.stderr})") from None
 
 
 def convert_key(recipe: Recipe, model: dict[str, Any]) -> str:
@@ -81,16 +83,17 @@ def _staged(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, 
 def prepare_data(ctx: RunContext) -> dict[str, Any]:
     """Stage: validated, deduplicated training and eval data under the run directory."""
     driver = RunDriver(ctx)
-    return _staged(driver, "prepare_data", data_key(driver.recipe), _prepare_data, ctx)
+    return _staged(driver, "prepare_data", data_key(driver.recipe), stages.prepare_data_job, ctx)
 
 
 def acquire_model(ctx: RunContext) -> dict[str, Any]:
     """Stage: the verified (or, locally, built) HF checkpoint of the actor."""
     driver = RunDriver(ctx)
-    return _staged(driver, "acquire_model", model_key(driver.recipe), _acquire_model, ctx)
+    return _staged(driver, "acquire_model", model_key(driver.recipe), stages.acquire_model_job, ctx)
 
 
 def convert_checkpoint(ctx: RunContext, model: dict[str, Any]) -> dict[str, Any]:
     """Stage: the reference / initial weights in the format the trainer loads."""
     driver = RunDriver(ctx)
-    return _staged(driver, "convert_checkpoint", convert_key(driver.recipe, model), _convert_checkpoint, ctx, model["hf_checkpoint"])
+    return _staged(driver, "convert_checkpoint", convert_key(driver.recipe, model), stages.convert_checkpoint_job, ctx,
+                   model["hf_checkpoint"])

@@ -8,17 +8,16 @@ result the session already holds, and metrics already logged for a rollout are n
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
-from kimi_core.engines.local import EngineInputs
+from kimi_core.engines.base import EngineInputs
 from kimi_core.failures import PermanentFailure, SessionLost
 from kimi_core.pipeline.context import RunContext
-from kimi_core.pipeline.driver import Progress, RunDriver
+from kimi_core.pipeline.driver import Progress, RunDriver, console
 from kimi_core.ray_local import RayHead, free_port, is_alive, short_temp_dir, start_local_ray_head, stop_local_ray_head, worker_port_range
 
 NAMESPACE = "kimi-grpo"
-_progress: dict[str, Progress] = {}
-_logged: dict[str, dict[str, set[int]]] = {}
 
 
 def bring_up_cluster(ctx: RunContext) -> dict[str, Any]:
@@ -32,36 +31,74 @@ def bring_up_cluster(ctx: RunContext) -> dict[str, Any]:
     record = driver.manifest.stages.get("bring_up_cluster")
     if record is not None and record.result and is_alive(record.result["address"]):
         return record.result
+    started = time.perf_counter()
     low, high = worker_port_range()
     head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=2,
                                 object_store_memory=256 * 1024**2, min_worker_port=low, max_worker_port=high)
     result = {"address": head.address, "head": dataclasses.asdict(head)}
     driver.manifest.record_stage("bring_up_cluster", cache_key=head.address, result=result)
     driver.manifest.update(ray_address=head.address)
+    console.print(f"ray head at {head.address}: started in {time.perf_counter() - started:.1f} s", markup=False)
     return result
 
 
-def open_session(ctx: RunContext, cluster: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    """Open the MLflow run and the engine actor; return where the session starts."""
-    from kimi_core.session import open_session as open_actor
+@dataclasses.dataclass
+class _Live:
+    """What `open_session` leaves for the rollout and eval calls of this process: the run's driver
+    (recipe, paths, open MLflow run), the actor handle, the progress line and the steps logged."""
 
+    address: str
+    driver: RunDriver
+    actor: Any
+    progress: Progress
+    logged: dict[str, set[int]]
+
+
+_live: dict[RunContext, _Live] = {}
+
+
+def open_session(ctx: RunContext, cluster: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """Open the engine actor and the MLflow run; return where the session starts."""
+    import ray
+
+    from kimi_core.session import attach_session, engine_threads
+
+    started, threads = time.perf_counter(), engine_threads()
     driver = RunDriver(ctx)
+    inputs = EngineInputs(train_data=data["train"]["path"],
+                          eval_data={name: e["path"] for name, e in data["eval"].items()},
+                          initial_checkpoint=model["hf_checkpoint"])
+    actor, reattached = attach_session(address=cluster["address"], namespace=NAMESPACE, ctx=ctx, inputs=inputs,
+                                       num_threads=threads)
+    starting = actor.start.remote()  # the engine loads its checkpoint while the MLflow run opens
     start = driver.start_rollout_id()
     attempt = driver.manifest.begin_attempt(reason="start" if start == 0 and not driver.manifest.resume_history else "resume",
                                             start_rollout_id=start)
     tracker = driver.open_tracking(attempt=attempt, engine="local")
-    inputs = EngineInputs(train_data=data["train"]["path"],
-                          eval_data={name: e["path"] for name, e in data["eval"].items()},
-                          initial_checkpoint=model["hf_checkpoint"])
-    _, start, reattached = open_actor(address=cluster["address"], namespace=NAMESPACE, ctx=ctx, inputs=inputs,
-                                      num_threads=2)
+    start = ray.get(starting)
     driver.manifest.set_start_rollout(start)
     books = driver.resume_bookkeeping(start)
-    run_key = driver.paths.run_name
-    _logged[run_key] = {"rollout": books["rollouts"], "eval": books["evals"]}
-    _progress[run_key] = Progress(start=start, end=driver.recipe.rollout.num_rollout)
+    _live[ctx] = _Live(address=cluster["address"], driver=driver, actor=actor,
+                       progress=Progress(start=start, end=driver.recipe.rollout.num_rollout),
+                       logged={"rollout": books["rollouts"], "eval": books["evals"]})
+    console.print(f"engine session {'re-attached' if reattached else 'opened'} at rollout {start} "
+                  f"in {time.perf_counter() - started:.1f} s", markup=False)
     return {"start": start, "address": cluster["address"], "mlflow_run_id": tracker.run_id, "reattached": reattached,
             "pending_evals": books["pending_evals"]}
+
+
+def _session(ctx: RunContext, session: dict[str, Any]) -> _Live:
+    """The live session this process opened; in another process (a task run elsewhere) it is
+    rebuilt from disk and the actor looked up by name."""
+    live = _live.get(ctx)
+    if live is not None and live.address == session["address"]:
+        return live
+    driver = RunDriver(ctx)
+    live = _Live(address=session["address"], driver=driver, actor=_actor(ctx, driver, session),
+                 progress=Progress(start=session["start"], end=driver.recipe.rollout.num_rollout),
+                 logged={"rollout": driver.logged_steps("rollout/raw_reward"), "eval": driver.logged_eval_steps()})
+    _live[ctx] = live
+    return live
 
 
 def _actor(ctx: RunContext, driver: RunDriver, session: dict[str, Any]) -> Any:
@@ -92,41 +129,31 @@ def _call(driver: RunDriver, stage: str, rollout_id: int, remote_call: Any) -> d
 
 def train_rollout(ctx: RunContext, session: dict[str, Any], rollout_id: int) -> dict[str, float]:
     """Run one rollout in the engine session, log its metrics at step = rollout_id."""
-    driver = RunDriver(ctx)
-    actor = _actor(ctx, driver, session)
-    result = _call(driver, "train_rollout", rollout_id, actor.train_rollout.remote(rollout_id))
-    logged = _logged.setdefault(driver.paths.run_name, {"rollout": set(), "eval": set()})
-    driver.record_rollout(rollout_id, result, skip_metrics=rollout_id in logged["rollout"])
-    logged["rollout"].add(rollout_id)
-    progress = _progress.get(driver.paths.run_name)
-    if progress is not None:
-        progress.rollout(rollout_id, result["metrics"])
+    started = time.perf_counter()
+    live = _session(ctx, session)
+    result = _call(live.driver, "train_rollout", rollout_id, live.actor.train_rollout.remote(rollout_id))
+    live.driver.record_rollout(rollout_id, result, step_time=time.perf_counter() - started,
+                               skip_metrics=rollout_id in live.logged["rollout"])
+    live.logged["rollout"].add(rollout_id)
+    live.progress.rollout(rollout_id, result["metrics"])
     return result["metrics"]
 
 
 def evaluate(ctx: RunContext, session: dict[str, Any], rollout_id: int) -> dict[str, float]:
-    """Evaluate the current policy; log eval metrics, the sample table and the curves."""
-    driver = RunDriver(ctx)
-    actor = _actor(ctx, driver, session)
-    result = _call(driver, "evaluate", rollout_id, actor.evaluate.remote(rollout_id))
-    logged = _logged.setdefault(driver.paths.run_name, {"rollout": set(), "eval": set()})
-    driver.record_eval(rollout_id, result, skip_metrics=rollout_id in logged["eval"])
-    logged["eval"].add(rollout_id)
-    progress = _progress.get(driver.paths.run_name)
-    if progress is not None:
-        progress.eval(rollout_id, result["metrics"])
+    """Evaluate the current policy; log eval metrics and the sample table."""
+    live = _session(ctx, session)
+    result = _call(live.driver, "evaluate", rollout_id, live.actor.evaluate.remote(rollout_id))
+    live.driver.record_eval(rollout_id, result, skip_metrics=rollout_id in live.logged["eval"])
+    live.logged["eval"].add(rollout_id)
+    live.progress.eval(rollout_id, result["metrics"])
     return result["metrics"]
 
 
-def finish(ctx: RunContext, session: dict[str, Any] | None) -> dict[str, Any]:
-    """Close the MLflow run, stop the engine actor and the run's local Ray head (by pid)."""
+def _release(ctx: RunContext, driver: RunDriver, session: dict[str, Any] | None) -> None:
+    """Stop the engine actor and the run's local Ray head (by pid); record the head as stopped."""
     import ray
 
-    driver = RunDriver(ctx)
-    latest = driver.start_rollout_id() - 1
-    complete = latest == driver.recipe.rollout.num_rollout - 1
-    driver.tracker.log_curves_png()
-    driver.tracker.close("FINISHED" if complete else "KILLED")
+    _live.pop(ctx, None)
     if session is not None:
         try:
             ray.kill(_actor(ctx, driver, session))
@@ -139,6 +166,26 @@ def finish(ctx: RunContext, session: dict[str, Any] | None) -> dict[str, Any]:
         stop_local_ray_head(RayHead(**record.result["head"]))
         driver.manifest.update(ray_address=None)
         driver.manifest.record_stage("bring_up_cluster", cache_key="stopped", result=None, status="stopped")
+
+
+def finish(ctx: RunContext, session: dict[str, Any] | None) -> dict[str, Any]:
+    """Close the MLflow run, stop the engine actor and the run's local Ray head (by pid)."""
+    driver = RunDriver(ctx)
+    latest = driver.start_rollout_id() - 1
+    complete = latest == driver.recipe.rollout.num_rollout - 1
+    driver.tracker.log_curves_png()
+    driver.tracker.close("FINISHED" if complete else "KILLED")
+    _release(ctx, driver, session)
     driver.manifest.update(finished=complete)
     return {"run_name": driver.paths.run_name, "latest_checkpoint": latest, "complete": complete,
             "mlflow_run_id": driver.manifest.mlflow_run_id, "tracking_uri": driver.manifest.mlflow_tracking_uri}
+
+
+def abort(ctx: RunContext, session: dict[str, Any] | None, status: str = "FAILED") -> None:
+    """After a failure that stops the flow: mark the MLflow run `status` and release the local cluster,
+    so that no Ray head or engine process outlives the run. Checkpoints and the manifest stay: the
+    same command resumes once the cause is fixed."""
+    driver = RunDriver(ctx)
+    if driver.manifest.mlflow_run_id is not None:
+        driver.tracker.close(status)
+    _release(ctx, driver, session)

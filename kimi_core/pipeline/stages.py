@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_core.data import PREP_VERSION, prepare_dataset
-from kimi_core.engines.warmup import build_base_model
+from kimi_core.pipeline.context import RunContext
 from kimi_core.pipeline.hf_checkpoint import verify_hf_checkpoint
 from kimi_core.recipe import Recipe, resolve_path
 from kimi_core.run_state import RunPaths, write_text_atomic
@@ -72,6 +72,8 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
         info = verify_hf_checkpoint(target)
         return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False,
                 **json.loads(marker.read_text())}
+    from kimi_core.engines.warmup import build_base_model  # torch: only when the model is built
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -92,11 +94,10 @@ def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -
     torch_dist); a BF16 HF reference of an INT4 actor is dequantized from it (INT4 -> BF16).
     An existing, verified output is reused (the conversion is cached by content hash).
     """
-    from kimi_core.checkpoint.stage import convert_stage
-
     ref = recipe.checkpoint.ref_load
     if ref is None:
         return {"conversions": [], "reason": "checkpoint.ref_load is not set: nothing to convert"}
+    from kimi_core.checkpoint.stage import convert_stage  # torch and megatron: only when there is work
     dst = _local(resolve_path(recipe, ref))
     if dst.rstrip("/").endswith("torch_dist"):
         if recipe.checkpoint.actor_format in ("fp8", "int4"):
@@ -113,3 +114,20 @@ def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -
         verify_hf_checkpoint(dst)
         return {"conversions": [], "ref_load": dst, "reason": "HF reference present and verified"}
     return {"conversions": [asdict(result)], "ref_load": dst}
+
+
+# ---- job payloads: what a stage job runs. This module imports neither torch nor MLflow (torch only
+# when a base model is built), so a job process starts in about a second.
+def prepare_data_job(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return prepare_data(recipe, ctx.paths(recipe))
+
+
+def acquire_model_job(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return acquire_model(recipe, ctx.paths(recipe))
+
+
+def convert_checkpoint_job(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)

@@ -94,6 +94,7 @@ def test_run_logs_to_mlflow_server_and_rerun_does_no_work(prefect_server, mlflow
     assert run.data.tags["engine"] == "local" and run.data.tags["resume_count"] == "0"
     assert _steps(client, run.info.run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]
     assert _steps(client, run.info.run_id, "train/pg_loss") == [0, 1, 2, 3, 4, 5]
+    assert _steps(client, run.info.run_id, "perf/step_time") == [0, 1, 2, 3, 4, 5]  # the orchestrator's timing
     assert _steps(client, run.info.run_id, "eval/arith") == [0, 2, 5]  # before training, then after 2 and 5
     assert _steps(client, run.info.run_id, "eval/arith/pass_at_4") == [0, 2, 5]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -219,3 +220,31 @@ def test_deployment_runs_through_a_process_worker(prefect_server, base_dir: Path
     assert "COMPLETED" in state.upper().replace("'", "")
     paths = RunPaths.of(base_dir, "deployed")
     assert Manifest.load(paths).finished and latest_checkpoint(paths) == 2
+
+
+def _ray_daemons() -> set[int]:
+    """Pids of live Ray GCS servers and raylets on this machine."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+            if "gcs_server" in command or "raylet" in command:
+                found.add(proc.pid)
+    return found
+
+
+def test_failed_run_names_the_row_and_leaves_no_cluster_running(prefect_server, base_dir: Path) -> None:
+    """A permanent failure (a malformed data row) stops the run with exit 1 and the file and line;
+    the Ray head that came up meanwhile is stopped, and nothing is retried."""
+    bad = base_dir / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1? Answer in \\\\boxed{}.", "label": "2"}\n{"prompt": "x", "label": 3}\n')
+    before = _ray_daemons()
+    proc = run_cli(["run", "configs/local.yaml", "--run-name", "broken", "--base-dir", str(base_dir), *SMALL,
+                    "--set", f"data.prompt_data={bad}"], cli_env(prefect_server))
+    assert proc.returncode == 1
+    assert "run failed" in proc.stderr and f"{bad}:2" in proc.stderr
+    manifest = Manifest.load(RunPaths.of(base_dir, "broken"))
+    assert manifest.stages["bring_up_cluster"].status == "stopped" and manifest.ray_address is None
+    assert "prepare_data" not in manifest.stages or manifest.stages["prepare_data"].status != "completed"
+    assert not manifest.finished and manifest.mlflow_run_id is None  # failed before the session opened
+    assert not _ray_daemons() - before  # the head started for this run is gone

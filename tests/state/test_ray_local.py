@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -67,8 +68,14 @@ _TASK = textwrap.dedent(
     def square(x):
         return x * x
 
+    @ray.remote
+    def niceness():
+        import os
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
     print("RESULT", sum(ray.get([square.remote(i) for i in range(5)])))
     print("CPUS", int(ray.cluster_resources()["CPU"]))
+    print("NICE", ray.get(niceness.remote()))
     """
 )
 
@@ -99,6 +106,8 @@ def test_remote_task(ray_head: RayHead) -> None:
     out = _driver(_TASK, ray_head.address)
     assert "RESULT 30" in out  # 0 + 1 + 4 + 9 + 16
     assert "CPUS 2" in out
+    # workers (the engine actor) run at our priority, not at Ray's default of nice + 15
+    assert f"NICE {os.getpriority(os.PRIO_PROCESS, 0)}" in out
 
 
 def test_listens_on_loopback_only(ray_head: RayHead) -> None:

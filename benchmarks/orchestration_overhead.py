@@ -1,0 +1,312 @@
+"""Orchestration overhead: the same rollouts through the full flow vs a bare `LocalEngine` loop.
+
+Both sides run the local recipe (`configs/local.yaml`) with the same overrides, the same rollouts,
+the same checkpoint saves and the same evals, with the same torch thread count (`--threads`):
+
+* flow: `kimi-grpo run` in a subprocess (ephemeral Prefect unless `PREFECT_API_URL` is set; MLflow
+  to the default sqlite file under the base dir): Prefect tasks per stage and per rollout, a local
+  Ray head, the engine in a detached Ray actor, metrics logged to MLflow, the run manifest;
+* bare: `LocalEngine` in this process: `train_rollout`, `save` when the recipe's schedule says so
+  (with the same per-checkpoint metrics file the engine session writes), `evaluate` when due. It
+  runs once before and once after the flow (load on a shared machine drifts); `bare_s` is the mean.
+
+Overrides (printed at start; `--set` adds more, `--rollouts` sets the count, at least 20):
+
+    model.warmup.steps=20            short warm-up: the base model is a setup cost, not measured
+    rollout.rollout_batch_size=8     8 prompts x 8 samples per rollout ...
+    rollout.global_batch_size=64     ... one optimizer step per rollout
+    checkpoint.save_interval=5       saves after rollouts 4, 9, 14, 19
+    eval.interval=7                  evals after rollouts 6 and 13, inside the timed window
+    eval.before_train=false          no eval before rollout 0 (it would count as start-up)
+
+Threads: `--threads` (default 1) is given to the flow's engine as `$KIMI_GRPO_THREADS` and set for
+the bare loop, whose engine calls run on a worker thread with `OMP_NUM_THREADS=1` in the
+environment, as in the Ray actor. One thread by default because a 2-thread OpenMP team is several
+times slower, and erratic, whenever another process takes a core, which made the two sides
+incomparable on a shared 2-core machine.
+
+Timing. `flow_s` and `bare_s` run from the start of the first rollout to the end of the last one,
+everything between included (per-rollout tasks, Ray calls, MLflow logging, manifest reads,
+saves, evals). The flow's window comes from what the run records: each rollout's MLflow metrics
+carry `perf/step_time` (the orchestrator's wall seconds of that rollout's step) and are logged at
+its end, so the first start is `timestamp - step_time` of the first rollout and the last end is
+the timestamp of the last. `engine_s` is the engine's own sampling + training time in the window
+(its `perf/rollout_time` + `perf/train_time`), which separates a slower engine from orchestration.
+`startup_s` is the flow's one-time start-up: process start of `kimi-grpo run` to the first
+rollout's start (Python imports, Prefect, the data / model / conversion stages, the Ray head, the
+engine actor with its model load, the MLflow run); its breakdown comes from the arrival times of
+the CLI's console lines and the durations they report. Set up beforehand and not timed: the base
+model (built once under the shared base dir, so the flow's `acquire_model` stage finds it) and,
+unless `--fresh-databases`, the Prefect and MLflow databases, which only a first run on a machine
+or base dir creates (their times are printed).
+
+    python benchmarks/orchestration_overhead.py [--rollouts 20] [--threads 1] [--workdir DIR]
+        [--fresh-databases] [--verbose] [--set key=value ...]
+
+Last line: `RESULT flow_s=<a> bare_s=<b> ratio=<a/b> startup_s=<c>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+# The engine actor runs in a Ray worker, where Ray sets OMP_NUM_THREADS=1 (a 1-CPU actor) before the
+# session sets torch's thread count: the bare loop gets the same settings.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+from kimi_core.pipeline import stages  # noqa: E402
+from kimi_core.pipeline.driver import STEP_TIME_METRIC  # noqa: E402
+from kimi_core.recipe import Recipe, load_recipe, plan_run  # noqa: E402
+from kimi_core.run_state import Manifest, RunPaths  # noqa: E402
+from kimi_core.session import THREADS_ENV  # noqa: E402
+
+RECIPE = "configs/local.yaml"
+ENGINE_METRICS = ("perf/rollout_time", "perf/train_time")
+OVERRIDES = [
+    "model.warmup.steps=20",
+    "rollout.rollout_batch_size=8",
+    "rollout.global_batch_size=64",
+    "checkpoint.save_interval=5",
+    "eval.interval=7",
+    "eval.before_train=false",
+]
+
+
+@dataclass
+class Side:
+    """One side's figures: rollouts, their window in seconds, its start-up and the engine's own time."""
+
+    name: str
+    rollouts: int
+    rollout_s: float
+    startup_s: float
+    engine_s: float  # the engine's own sampling + training seconds (its perf/ metrics), saves and evals excluded
+    notes: dict[str, float] = field(default_factory=dict)
+
+
+# ---- the flow -------------------------------------------------------------------------------
+def _pump(stream: IO[str], lines: list[tuple[float, str]], echo: bool) -> None:
+    """Collect the lines of `stream` with their arrival times."""
+    for line in stream:
+        lines.append((time.time(), line.rstrip("\n")))
+        if echo:
+            print(f"  | {line.rstrip()}", file=sys.stderr, flush=True)
+
+
+def flow_env(workdir: Path, threads: int) -> dict[str, str]:
+    """Environment of the flow's process: its own Prefect home, MLflow to the default sqlite file."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(workdir / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
+           THREADS_ENV: str(threads)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def create_databases(env: dict[str, str], base_dir: Path) -> dict[str, float]:
+    """The once-per-machine / once-per-base-dir set-up every later run finds in place: the Prefect
+    database (schema migrations) and the base dir's MLflow database. Returns seconds for each."""
+    from mlflow import MlflowClient
+
+    took = {}
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).with_name("prefect")), "server", "database", "upgrade", "-y"], env=env,
+                   check=True, capture_output=True, text=True)
+    took["Prefect database"] = time.perf_counter() - started
+    started = time.perf_counter()
+    MlflowClient(f"sqlite:///{RunPaths.of(base_dir, 'flow').mlflow_db}").search_experiments()  # as the flow resolves it
+    took["MLflow database"] = time.perf_counter() - started
+    return took
+
+
+def run_flow(args: argparse.Namespace, overrides: list[str], base_dir: Path, env: dict[str, str]) -> Side:
+    """`kimi-grpo run` in a subprocess, timed from what the run recorded."""
+    cmd = [sys.executable, "-m", "flows.cli", "run", RECIPE, "--run-name", "flow", "--base-dir", str(base_dir),
+           "--num-rollout", str(args.rollouts)]
+    for item in overrides:
+        cmd += ["--set", item]
+    lines: list[tuple[float, str]] = []
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pumps = [threading.Thread(target=_pump, args=(stream, lines, args.verbose), daemon=True)
+             for stream in (proc.stdout, proc.stderr)]
+    for pump in pumps:
+        pump.start()
+    code = proc.wait()
+    for pump in pumps:
+        pump.join()
+    if code != 0:
+        sys.stderr.write("\n".join(line for _, line in lines[-60:]) + "\n")
+        raise SystemExit(f"the flow failed with exit code {code}")
+    first_start, last_end, n, engine_s = _flow_window(base_dir, "flow")
+    side = Side("flow", n, last_end - first_start, first_start - started, engine_s)
+    side.notes = _startup_breakdown(lines, started, first_start)
+    return side
+
+
+def _flow_window(base_dir: Path, run_name: str) -> tuple[float, float, int, float]:
+    """(first rollout start, last rollout end, rollouts, engine seconds) from the run's MLflow metrics:
+    each rollout's `perf/step_time` point is logged at its end."""
+    from mlflow import MlflowClient
+
+    manifest = Manifest.load(RunPaths.of(base_dir, run_name))
+    client = MlflowClient(manifest.mlflow_tracking_uri)
+    run_id = manifest.mlflow_run_id
+    points = sorted(client.get_metric_history(run_id, STEP_TIME_METRIC), key=lambda m: m.step)
+    if not points:
+        raise SystemExit(f"the flow's MLflow run has no {STEP_TIME_METRIC} points")
+    engine_s = sum(m.value for key in ENGINE_METRICS for m in client.get_metric_history(run_id, key))
+    return points[0].timestamp / 1000 - points[0].value, points[-1].timestamp / 1000, len(points), engine_s
+
+
+_DONE_LINE = re.compile(r"^(?:stage (\w+): done|ray head at \S+: started|engine session \S+ at rollout \d+) in ([\d.]+) s")
+
+
+def _startup_breakdown(lines: list[tuple[float, str]], started: float, first_start: float) -> dict[str, float]:
+    """Start-up phases from when the CLI's console lines arrived and the durations they report."""
+    cli = next((when for when, line in lines if line.startswith("run ") and " of " in line), None)
+    spans: dict[str, tuple[float, float]] = {}  # phase -> (start, end)
+    for when, line in lines:
+        if (m := _DONE_LINE.match(line)) is not None:
+            name = f"stage {m.group(1)}" if m.group(1) else ("Ray head" if line.startswith("ray") else "engine session")
+            spans.setdefault(name, (when - float(m.group(2)), when))
+    if cli is None or "engine session" not in spans:
+        return {}
+    session = spans.pop("engine session")
+    out = {"python imports, recipe check": cli - started}
+    if spans:
+        first, last = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
+        out["Prefect start, flow run setup"] = first - cli
+        out["stages and Ray head (overlapping)"] = last - first
+        out.update({f"  {name}": end - begin for name, (begin, end) in spans.items()})
+        out["between (Prefect tasks)"] = session[0] - last
+    out["engine actor + model load | MLflow run"] = session[1] - session[0]
+    out["to the first rollout"] = first_start - session[1]
+    return out
+
+
+# ---- the bare loop --------------------------------------------------------------------------
+def run_bare(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> Side:
+    """`LocalEngine` driven directly: train, save when due, eval when due.
+
+    The engine runs on a worker thread, with torch's thread count set on the main thread, as in
+    the engine actor (a threaded Ray actor: its methods run on a pool thread). This matters: torch's
+    OpenMP settings are per thread, and on a loaded 2-core machine a 2-thread OpenMP team on the
+    main thread is several times slower than what the actor runs.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    paths = RunPaths.of(base_dir, run_name).ensure()
+    data = stages.prepare_data(recipe, paths)
+    model = stages.acquire_model(recipe, paths)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_bare_loop, recipe, paths, data, model).result()
+
+
+def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dict[str, Any]) -> Side:
+    from kimi_core.engines.local import EngineInputs, LocalEngine
+    from kimi_core.session import ROLLOUT_METRICS_FILE
+
+    plan = plan_run(recipe)
+    inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},
+                          initial_checkpoint=model["hf_checkpoint"])
+    started = time.time()
+    engine = LocalEngine(recipe, paths=paths, inputs=inputs)
+    engine.start(None)
+    first_start = time.time()
+    unsaved: dict[int, dict[str, float]] = {}
+    last_end, engine_s = first_start, 0.0
+    for rollout_id in range(plan.num_rollout):
+        unsaved[rollout_id] = engine.train_rollout(rollout_id)
+        engine_s += sum(unsaved[rollout_id][key] for key in ENGINE_METRICS)
+        if plan.is_save_due(rollout_id):
+            extra = {ROLLOUT_METRICS_FILE: json.dumps({str(k): v for k, v in unsaved.items()}).encode()}
+            engine.save(rollout_id, extra_files=extra)
+            unsaved.clear()
+        last_end = time.time()
+        if plan.is_eval_due(rollout_id) and rollout_id < plan.num_rollout - 1:
+            engine.evaluate(rollout_id)
+    engine.close()
+    return Side(paths.run_name, plan.num_rollout, last_end - first_start, first_start - started, engine_s)
+
+
+# ---- main -----------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rollouts", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1,
+                        help=f"torch threads of the engine on both sides (${THREADS_ENV} for the flow)")
+    parser.add_argument("--workdir", default=None, help="base dir, Prefect home; default: a new temp dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fresh-databases", action="store_true",
+                        help="let the flow create the Prefect and MLflow databases (a first run) inside its start-up")
+    parser.add_argument("--verbose", action="store_true", help="echo the flow's console")
+    args = parser.parse_args()
+    if args.rollouts < 20:
+        parser.error("--rollouts must be at least 20")
+    overrides = [*OVERRIDES, *args.overrides]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orchestration-overhead-")).resolve()
+    base_dir = workdir / "base"
+    for name in ("flow", "bare-before", "bare-after"):
+        if (base_dir / "runs" / name).exists():
+            raise SystemExit(f"{base_dir / 'runs' / name} exists: use a fresh --workdir")
+    recipe = load_recipe(RECIPE, overrides=[*overrides, f"rollout.num_rollout={args.rollouts}"], base_dir=str(base_dir))
+    plan = plan_run(recipe)
+    print(f"recipe {RECIPE}, {args.rollouts} rollouts, {args.threads} torch thread(s), overrides: {' '.join(overrides)}")
+    print(f"saves after {list(plan.save_after)}; evals after {[r for r in plan.eval_after if r < plan.num_rollout - 1]} "
+          f"(both sides; none before training); workdir {workdir}")
+
+    import torch  # here: after OMP_NUM_THREADS is set above
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model = stages.acquire_model(recipe, RunPaths.of(base_dir, "bare-before").ensure())
+    print(f"base model: {'built' if model['built'] else 'cached'} in {time.perf_counter() - started:.1f} s (not timed)",
+          flush=True)
+    env = flow_env(workdir, args.threads)
+    if not args.fresh_databases:
+        took = create_databases(env, base_dir)
+        print("created beforehand (not timed; a first run on a machine / base dir pays them): "
+              + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items()), flush=True)
+
+    bares = [run_bare(recipe, base_dir, "bare-before", threads=args.threads)]
+    print(f"bare loop (before the flow): {bares[0].rollout_s:.1f} s", flush=True)
+    flow = run_flow(args, overrides, base_dir, env)
+    print(f"flow: {flow.rollout_s:.1f} s", flush=True)
+    bares.append(run_bare(recipe, base_dir, "bare-after", threads=args.threads))
+    print(f"bare loop (after the flow): {bares[1].rollout_s:.1f} s", flush=True)
+    bare = Side("bare", bares[0].rollouts,
+                *(sum(getattr(b, f) for b in bares) / 2 for f in ("rollout_s", "startup_s", "engine_s")))
+
+    print(f"\n{'side':<12} {'rollouts':>8} {'rollout_s':>10} {'s/rollout':>10} {'engine_s':>9} {'startup_s':>10}")
+    for side in (flow, *bares, bare):
+        print(f"{side.name:<12} {side.rollouts:>8d} {side.rollout_s:>10.2f} {side.rollout_s / side.rollouts:>10.3f} "
+              f"{side.engine_s:>9.2f} {side.startup_s:>10.1f}")
+    print("(bare = mean of the two bare loops; engine_s = the engine's sampling + training time inside the window)")
+    print(f"\norchestration overhead: {(flow.rollout_s - bare.rollout_s) / flow.rollouts * 1000:.0f} ms per rollout "
+          f"({(flow.rollout_s - flow.engine_s - bare.rollout_s + bare.engine_s) / flow.rollouts * 1000:.0f} ms "
+          "outside the engine's own sampling and training)")
+    print("flow start-up (process start -> first rollout):")
+    for phase, seconds in flow.notes.items():
+        print(f"  {phase:<42} {seconds:>6.1f} s")
+    print(f"RESULT flow_s={flow.rollout_s:.2f} bare_s={bare.rollout_s:.2f} ratio={flow.rollout_s / bare.rollout_s:.3f} "
+          f"startup_s={flow.startup_s:.1f}")
+
+
+if __name__ == "__main__":
+    main()
