@@ -38,13 +38,19 @@ _TRANSIENT_IN_JOB = frozenset({
 })
 
 
-def job_error_class(trace: str) -> str | None:
-    """The exception class name on the last `Name: message` line of a job's traceback text."""
+def job_error_line(trace: str) -> str | None:
+    """The last `Name: message` line of a job's traceback text (submitit appends log paths after it)."""
     for line in reversed(trace.strip().splitlines()):
         head = line.split(":", 1)[0].strip()
         if head and " " not in head and head[0].isalpha() and (head.endswith(("Error", "Exception")) or "." in head):
-            return head.rsplit(".", 1)[-1]
+            return line.strip()
     return None
+
+
+def job_error_class(trace: str) -> str | None:
+    """The exception class name of `job_error_line`."""
+    line = job_error_line(trace)
+    return None if line is None else line.split(":", 1)[0].strip().rsplit(".", 1)[-1]
 
 
 def is_transient(exc: BaseException) -> bool:

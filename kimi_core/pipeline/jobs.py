@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kimi_core.failures import PermanentFailure, is_transient, job_error_class
+from kimi_core.failures import PermanentFailure, is_transient, job_error_line
 from kimi_core.pipeline import stages
 from kimi_core.pipeline.context import RunContext
 from kimi_core.pipeline.driver import RunDriver, cache_key, file_identity
@@ -67,8 +67,8 @@ def run_job(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, 
     except FailedJobError as exc:  # the stage's own code raised: say what, briefly, unless worth a retry
         if is_transient(exc):
             raise
-        last = next((line for line in reversed(str(exc).splitlines()) if job_error_class(line)), str(exc))
-        raise PermanentFailure(f"stage {name} (job {job.job_id}) failed: {last.strip()} "
+        last = job_error_line(str(exc)) or str(exc).strip()
+        raise PermanentFailure(f"stage {name} (job {job.job_id}) failed: {last} "
                                f"(full log: {job.paths.stderr})") from None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from kimi_core.failures import PermanentFailure, SessionLost, is_transient, job_error_class
+from kimi_core.failures import PermanentFailure, SessionLost, is_transient, job_error_class, job_error_line
 
 
 def _bad_row() -> None:
@@ -31,6 +31,7 @@ def _job_error(fn, tmp_path: Path) -> BaseException:  # noqa: ANN001
 def test_a_job_that_raised_bad_data_is_permanent_and_a_lost_connection_is_transient(tmp_path: Path) -> None:
     bad = _job_error(_bad_row, tmp_path / "bad")
     assert job_error_class(str(bad)) == "ValueError"
+    assert job_error_line(str(bad)) == "ValueError: data.jsonl:2: label under key 'label' must be a string"
     assert not is_transient(bad)
     lost = _job_error(_lost_connection, tmp_path / "lost")
     assert job_error_class(str(lost)) == "ConnectionResetError"
