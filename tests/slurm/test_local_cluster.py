@@ -106,20 +106,43 @@ def ray_processes(job_id: str, temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-def first_line(path: Path, prefix: str) -> str | None:
-    """The first line of `path` starting with `prefix` (None while there is none)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    return next((line for line in lines if line.startswith(prefix)), None)
+# A job's output file is shared by every process of the job (the batch shell, each srun step,
+# each torchrun rank): their writes interleave, and Python's print writes the text and its "\n"
+# in two write() calls when PYTHONUNBUFFERED is set (as .ci/run does), so one process's record
+# can end up glued to another's, e.g. `sum=6RANK 2 of 4 on n2 ...`. So the jobs below report
+# their results in files of their own (written whole, then renamed into place) and the tests
+# read those; the shared output file only serves as a log in failure messages.
+REPORT_WRITER = """
+def write_report(path, record):
+    import json, os
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+"""
 
 
-PAYLOAD = """import json, ray
+def read_report(path: Path) -> dict | None:
+    """The JSON record a job process wrote to `path` (None while there is none)."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def log_text(path: Path) -> str:
+    """The job's shared output file, for failure messages."""
+    return path.read_text()[-5000:] if path.exists() else f"(no output file {path})"
+
+
+PAYLOAD = """import json, sys, ray
+""" + REPORT_WRITER + """
 ray.init()
 nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-print("PAYLOAD " + json.dumps({
+report = {
     "gpus": ray.cluster_resources()["GPU"],
     "head": [k[11:] for r in nodes if "node:__internal_head__" in r for k in r if k.startswith("slurm_node_")],
     "nodes": sorted(k[11:] for r in nodes for k in r if k.startswith("slurm_node_")),
-}), flush=True)
+}
+write_report(sys.argv[1], report)
+print("PAYLOAD " + json.dumps(report), flush=True)
 """
 
 
@@ -127,7 +150,8 @@ print("PAYLOAD " + json.dumps({
 def test_ray_up_spans_both_nodes_and_scancel_leaves_nothing(tmp_path: Path) -> None:
     req = request(tmp_path, nodes=2, gpus_per_node=8, cpus=2)
     (tmp_path / "payload.py").write_text(PAYLOAD)
-    payload = f"{sys.executable} {tmp_path / 'payload.py'} && sleep 600"
+    report_path = tmp_path / "payload.json"
+    payload = f"{sys.executable} {tmp_path / 'payload.py'} {report_path} && sleep 600"
     script = tmp_path / "ray_up.sbatch"
     script.write_text(render_ray_up(req, payload_command=payload, ports=LOCAL_RAY_PORTS,
                                     python=sys.executable, readiness_timeout_s=120))
@@ -135,10 +159,9 @@ def test_ray_up_spans_both_nodes_and_scancel_leaves_nothing(tmp_path: Path) -> N
     output = tmp_path / f"{req.job_name}-{job_id}.out"
     temp_dir = f"/tmp/ray-{os.getuid()}-{job_id}/"
     try:
-        line = wait_until(lambda: first_line(output, "PAYLOAD "), timeout_s=180,
-                          what=f"the payload line in {output}")
-        report = json.loads(line[len("PAYLOAD "):])
-        assert report == {"gpus": 16.0, "head": ["n1"], "nodes": ["n1", "n2"]}
+        report = wait_until(lambda: read_report(report_path), timeout_s=180,
+                            what=f"the payload's report {report_path} (job log {output})")
+        assert report == {"gpus": 16.0, "head": ["n1"], "nodes": ["n1", "n2"]}, log_text(output)
         assert ray_processes(job_id, temp_dir), "no Ray processes found for a running job"
     finally:
         cancel_jobs([job_id])
@@ -153,15 +176,18 @@ def test_ray_up_spans_both_nodes_and_scancel_leaves_nothing(tmp_path: Path) -> N
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-ALL_REDUCE = """import os
+ALL_REDUCE = """import os, sys
 import torch
 import torch.distributed as dist
-
+""" + REPORT_WRITER + """
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 total = torch.tensor([float(rank)])
 dist.all_reduce(total)
-print(f"RANK {rank} of {world} on {os.environ['SLURMD_NODENAME']} sum={total.item():g}", flush=True)
+node = os.environ["SLURMD_NODENAME"]
+write_report(os.path.join(sys.argv[1], f"rank-{rank}.json"),
+             {"rank": rank, "world": world, "node": node, "sum": total.item()})
+print(f"RANK {rank} of {world} on {node} sum={total.item():g}", flush=True)
 dist.destroy_process_group()
 """
 
@@ -170,16 +196,23 @@ dist.destroy_process_group()
 def test_conversion_job_all_reduce_across_two_nodes(tmp_path: Path) -> None:
     req = request(tmp_path, nodes=2, cpus=2)
     (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
+    reports = tmp_path / "ranks"
+    reports.mkdir()
     script = tmp_path / "convert.sbatch"
     script.write_text(render_conversion_job(req, nproc_per_node=2, master_port=23456,
-                                            command_args=[str(tmp_path / "all_reduce.py")],
+                                            command_args=[str(tmp_path / "all_reduce.py"), str(reports)],
                                             python=sys.executable))
     job_id = sbatch_script(script, cwd=tmp_path)
     state = wait_until(lambda: (s := slurm_job_state(job_id)) in TERMINAL and s, timeout_s=180,
                        what=f"job {job_id} to finish")
-    output = (tmp_path / f"{req.job_name}-{job_id}.out").read_text()
+    output = log_text(tmp_path / f"{req.job_name}-{job_id}.out")
     assert state == "COMPLETED", output
-    ranks = sorted(line.split()[1:] for line in output.splitlines() if line.startswith("RANK "))
-    # 4 ranks 0..3: every rank prints 0 + 1 + 2 + 3 = 6; ranks 0, 1 on n1 and 2, 3 on n2.
-    assert ranks == [["0", "of", "4", "on", "n1", "sum=6"], ["1", "of", "4", "on", "n1", "sum=6"],
-                     ["2", "of", "4", "on", "n2", "sum=6"], ["3", "of", "4", "on", "n2", "sum=6"]]
+    # One report per rank, in a file of its own (the shared output file interleaves the ranks).
+    ranks = {path.name: json.loads(path.read_text()) for path in sorted(reports.iterdir())}
+    # 4 ranks 0..3: every rank gets 0 + 1 + 2 + 3 = 6; ranks 0, 1 on n1 and 2, 3 on n2.
+    assert ranks == {
+        "rank-0.json": {"rank": 0, "world": 4, "node": "n1", "sum": 6.0},
+        "rank-1.json": {"rank": 1, "world": 4, "node": "n1", "sum": 6.0},
+        "rank-2.json": {"rank": 2, "world": 4, "node": "n2", "sum": 6.0},
+        "rank-3.json": {"rank": 3, "world": 4, "node": "n2", "sum": 6.0},
+    }, output
