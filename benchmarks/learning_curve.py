@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from kimi_core.data import prepare_dataset  # noqa: E402
 from kimi_core.engines.local import EngineInputs, LocalEngine  # noqa: E402
-from kimi_core.engines.warmup import build_base_model  # noqa: E402
+from kimi_core.model.warmup import build_base_model  # noqa: E402
 from kimi_core.recipe import Recipe, load_recipe  # noqa: E402
 from kimi_core.run_state import RunPaths  # noqa: E402
 

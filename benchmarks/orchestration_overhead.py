@@ -68,11 +68,11 @@ sys.path.insert(0, str(REPO_ROOT))
 # session sets torch's thread count: the bare loop gets the same settings.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-from kimi_core.pipeline import stages  # noqa: E402
-from kimi_core.pipeline.driver import STEP_TIME_METRIC  # noqa: E402
+from kimi_core import stages  # noqa: E402
+from kimi_core.runtime.ledger import STEP_TIME_METRIC  # noqa: E402
 from kimi_core.recipe import Recipe, load_recipe, plan_run  # noqa: E402
 from kimi_core.run_state import Manifest, RunPaths  # noqa: E402
-from kimi_core.session import THREADS_ENV  # noqa: E402
+from kimi_core.runtime.session import THREADS_ENV  # noqa: E402
 
 RECIPE = "configs/local.yaml"
 ENGINE_METRICS = ("perf/rollout_time", "perf/train_time")
@@ -220,7 +220,7 @@ def run_bare(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> 
 
 def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dict[str, Any]) -> Side:
     from kimi_core.engines.local import EngineInputs, LocalEngine
-    from kimi_core.session import ROLLOUT_METRICS_FILE
+    from kimi_core.runtime.session import ROLLOUT_METRICS_FILE
 
     plan = plan_run(recipe)
     inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},

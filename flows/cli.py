@@ -178,7 +178,7 @@ def _ray_up_script(args: argparse.Namespace, recipe: Recipe) -> str:
     from slurm.requests import RayPorts
 
     run_name, base_dir, slurm_dir = _slurm_run(args, recipe)
-    payload = shlex.join([args.python, "-m", "kimi_core.pipeline.fallback",
+    payload = shlex.join([args.python, "-m", "kimi_core.runtime.fallback",
                           *fallback_driver_args(**_driver_args(args, run_name, base_dir))])  # type: ignore[arg-type]
     try:
         req = training_job_request(recipe, name=f"{run_name}-ray", output_dir=slurm_dir)
@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     from flows.pipeline import kimi_k25_grpo
-    from kimi_core.failures import PermanentFailure
+    from kimi_core.runtime.failures import PermanentFailure
 
     console.print(f"run [bold]{args.run_name or recipe.name}[/bold] of {args.recipe} "
                   f"(Prefect: {os.environ.get('PREFECT_API_URL') or 'ephemeral'})")
@@ -238,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kimi_core.pipeline.status import run_status
+    from kimi_core.runtime.status import run_status
     from kimi_core.run_state import RunPaths
 
     base_dir = args.base_dir or os.environ.get(BASE_DIR_ENV) or ".kimi-grpo"

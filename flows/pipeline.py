@@ -6,11 +6,11 @@ from typing import Any
 
 from prefect import flow
 
-from kimi_core.failures import SessionLost
-from kimi_core.pipeline.context import RunContext
-from kimi_core.pipeline.driver import console
-from kimi_core.pipeline.status import completed_run, validate
-from tasks.session import abort, bring_up_cluster, evaluate, finish, open_session, train_rollout
+from kimi_core.runtime.failures import SessionLost
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.ledger import console
+from kimi_core.runtime.status import completed_run, validate
+from tasks.training import abort, bring_up_cluster, evaluate, finish, open_session, train_rollout
 from tasks.stages import acquire_model, convert_checkpoint, prepare_data
 
 MAX_SESSION_REOPENS = 3

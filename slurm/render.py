@@ -155,7 +155,7 @@ def render_conversion_job(
     return render_sbatch_header(req) + body
 
 
-#: Exit status of `kimi_core.pipeline.fallback` after a signal-triggered save (the job requeues).
+#: Exit status of `kimi_core.runtime.fallback` after a signal-triggered save (the job requeues).
 PIPELINE_REQUEUE_EXIT = 3
 
 _GPU_ENGINE_NOTE = (
@@ -168,7 +168,7 @@ _GPU_ENGINE_NOTE = (
 def fallback_driver_args(
     *, recipe_path: str, run_name: str, base_dir: str, cluster_profile: str | None, overrides: list[str]
 ) -> list[str]:
-    """Arguments of `python -m kimi_core.pipeline.fallback` for one run (unquoted)."""
+    """Arguments of `python -m kimi_core.runtime.fallback` for one run (unquoted)."""
     args = [recipe_path, "--run-name", run_name, "--base-dir", base_dir]
     args += ["--cluster", cluster_profile] if cluster_profile else []
     for assignment in overrides:
@@ -191,7 +191,7 @@ def render_pipeline_sbatch(
 
     The batch shell exports `req.extra_env` and `KIMI_GRPO_BASE_DIR=base_dir`, sets
     `NCCL_NVLS_ENABLE` to 1 only where `nvidia-smi topo -m` shows NVLink (unless already set),
-    starts `python -m kimi_core.pipeline.fallback RECIPE --run-name ... --base-dir ...
+    starts `python -m kimi_core.runtime.fallback RECIPE --run-name ... --base-dir ...
     [--cluster P] [--set k=v ...]` in the background (through `srun --container-image` when the
     request names an image), forwards SIGUSR1/SIGTERM to it as SIGUSR1 and waits until it really
     exits. Exit 3 (saved for a requeue) -> `scontrol requeue $SLURM_JOB_ID`, exit 0; otherwise the

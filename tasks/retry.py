@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kimi_core.failures import is_transient
+from kimi_core.runtime.failures import is_transient
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:

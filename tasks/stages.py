@@ -8,8 +8,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kimi_core.pipeline import jobs
-from kimi_core.pipeline.context import RunContext
+from kimi_core.runtime import jobs
+from kimi_core.runtime.context import RunContext
 from tasks.retry import transient_only
 
 

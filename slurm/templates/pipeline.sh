@@ -27,7 +27,7 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-$NVLS_DETECTED}
 
 log "job ${SLURM_JOB_ID:-none}, restart count ${SLURM_RESTART_COUNT:-0}, on $(hostname):" \
     "$NVLINK_REFS NVLink entries, NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
-{{launcher}}"$PYTHON" -m kimi_core.pipeline.fallback "${DRIVER_ARGS[@]}" &
+{{launcher}}"$PYTHON" -m kimi_core.runtime.fallback "${DRIVER_ARGS[@]}" &
 DRIVER=$!
 
 forward() {

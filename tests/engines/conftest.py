@@ -10,7 +10,7 @@ import torch
 
 from kimi_core.data import prepare_dataset
 from kimi_core.engines.local import EngineInputs, LocalEngine
-from kimi_core.engines.warmup import build_base_model
+from kimi_core.model.warmup import build_base_model
 from kimi_core.recipe import Recipe, load_recipe
 from kimi_core.run_state import RunPaths
 

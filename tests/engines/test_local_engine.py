@@ -18,7 +18,7 @@ from kimi_core.checkpoint.int4 import fake_quantize_int4
 from kimi_core.data import read_prepared
 from kimi_core.engines.local import FAULT_AT_SAVE_ENV, QATView, eval_generator
 from kimi_core.engines.rollout import SamplingSpec, sample_groups
-from kimi_core.engines.warmup import build_base_model, warmup_loss
+from kimi_core.model.warmup import build_base_model, warmup_loss
 from kimi_core.model.io import load_model, load_state_dict
 from kimi_core.rewards import score_batch
 from kimi_core.run_state import checkpoint_dir, cleanup_incomplete, dataset_state_path, latest_checkpoint

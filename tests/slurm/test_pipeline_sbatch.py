@@ -17,7 +17,8 @@ import pytest
 
 from flows.cli import SBATCH_FILENAME, main
 from kimi_core.recipe import BASE_DIR_ENV, load_recipe
-from kimi_core.run_state import Manifest, RunPaths, latest_checkpoint
+from kimi_core.run_state import RunPaths, latest_checkpoint
+from kimi_core.runtime.manifest import Manifest
 from slurm.executors import cancel_jobs, sbatch_script, slurm_job_state
 from slurm.from_recipe import training_job_request
 from slurm.render import PIPELINE_REQUEUE_EXIT, render_pipeline_sbatch
@@ -84,7 +85,7 @@ def test_h200_script_carries_the_recipe_and_profile() -> None:
 
 
 def test_requeue_exit_matches_the_driver() -> None:
-    from kimi_core.pipeline.fallback import REQUEUE_EXIT
+    from kimi_core.runtime.fallback import REQUEUE_EXIT
 
     assert PIPELINE_REQUEUE_EXIT == REQUEUE_EXIT
 
@@ -165,7 +166,7 @@ def test_conversion_is_not_a_render_choice(in_repo: None, capsys: pytest.Capture
 def test_render_ray_up_runs_the_driver(in_repo: None, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, script, _ = cli(["render", "configs/kimi-k25-grpo.yaml", "--cluster", "h200", "--what", "ray-up"], capsys)
     assert code == 0
-    assert "PAYLOAD='python3 -m kimi_core.pipeline.fallback configs/kimi-k25-grpo.yaml --run-name kimi-k25-grpo " \
+    assert "PAYLOAD='python3 -m kimi_core.runtime.fallback configs/kimi-k25-grpo.yaml --run-name kimi-k25-grpo " \
            "--base-dir /shared/kimi-k25 --cluster h200'" in script.splitlines()
     assert "#SBATCH --nodes=32" in script and "GCS_PORT=6379" in script
     (tmp_path / "ray_up.sbatch").write_text(script)

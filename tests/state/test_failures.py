@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from kimi_core.failures import PermanentFailure, SessionLost, is_transient, job_error_class, job_error_line
+from kimi_core.runtime.failures import PermanentFailure, SessionLost, is_transient, job_error_class, job_error_line
 
 
 def _bad_row() -> None:

@@ -15,7 +15,7 @@ import textwrap
 import psutil
 import pytest
 
-from kimi_core.ray_local import (
+from kimi_core.runtime.ray_local import (
     RayHead,
     free_port,
     is_alive,

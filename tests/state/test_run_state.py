@@ -1,4 +1,4 @@
-"""Run state: atomic manifest, checkpoint commit protocol (incl. a SIGKILLed save), schedule."""
+"""Run state: atomic manifest, checkpoint commit protocol (incl. a SIGKILLed save)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,15 @@ from pathlib import Path
 import pytest
 
 from kimi_core import run_state
+from kimi_core.runtime.manifest import Manifest
 from kimi_core.run_state import (
     CheckpointError,
-    Manifest,
     RunPaths,
     begin_checkpoint,
     checkpoint_dir,
     cleanup_incomplete,
     commit_checkpoint,
     dataset_state_path,
-    eval_before_train,
-    is_eval_due,
-    is_save_due,
     latest_checkpoint,
     write_bytes_atomic,
 )
@@ -267,30 +264,3 @@ def test_write_bytes_atomic_replaces(tmp_path: Path) -> None:
     write_bytes_atomic(target, b"two")
     assert target.read_bytes() == b"two"
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
-
-
-# ----------------------------------------------------------------------------- schedule
-def test_schedule_design_examples() -> None:
-    """DESIGN §4: num_rollout 20, eval_interval 20 -> eval before 0 and after 19;
-    save_interval 20 -> save after 19 only."""
-    saves = [i for i in range(20) if is_save_due(i, save_interval=20, num_rollout=20)]
-    evals = [i for i in range(20) if is_eval_due(i, eval_interval=20)]
-    assert saves == [19]
-    assert evals == [19]
-    assert eval_before_train(0, enabled=True)
-    assert not eval_before_train(0, enabled=False)
-    assert not eval_before_train(20, enabled=True)
-
-
-def test_schedule_intervals_and_final_save() -> None:
-    # save_interval 4, num_rollout 10: (i+1) % 4 == 0 -> 3, 7; final rollout 9 always saved
-    assert [i for i in range(10) if is_save_due(i, save_interval=4, num_rollout=10)] == [3, 7, 9]
-    assert [i for i in range(10) if is_save_due(i, save_interval=None, num_rollout=10)] == [9]
-    assert [i for i in range(10) if is_eval_due(i, eval_interval=5)] == [4, 9]
-    assert not any(is_eval_due(i, eval_interval=None) for i in range(10))
-    with pytest.raises(ValueError, match="save_interval"):
-        is_save_due(0, save_interval=0, num_rollout=10)
-    with pytest.raises(ValueError, match="eval_interval"):
-        is_eval_due(0, eval_interval=-1)
-    with pytest.raises(ValueError, match="rollout_id"):
-        is_eval_due(-1, eval_interval=2)

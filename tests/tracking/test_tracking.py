@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from kimi_core.tracking import (
+from kimi_core.runtime.tracking import (
     MAX_PARAM_VALUE,
     RunTracker,
     flatten,

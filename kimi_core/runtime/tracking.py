@@ -30,6 +30,12 @@ _STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 
 
+#: MLflow 3's UI opens an experiment without this tag in its GenAI view ("Evaluation runs"); a
+#: model-training experiment opens on the runs table with the metric charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def resolve_tracking_uri(default_sqlite_path: str | os.PathLike[str]) -> str:
     """`$MLFLOW_TRACKING_URI` when set, else `sqlite:////abs/path/mlflow.db`."""
     from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
@@ -180,20 +186,23 @@ class RunTracker:
         return self.run_id
 
     def _experiment_id(self, experiment: str, tracking_uri: str) -> str:
+        """The experiment's id, created on first use and tagged as model training (once)."""
         found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the DB, not in cwd
-            db = Path(tracking_uri[len("sqlite:///") :])
-            location = (db.parent / "mlartifacts").as_uri()
-        try:
-            return self.client.create_experiment(experiment, artifact_location=location)
-        except MlflowException:  # created concurrently by another process
+        if found is None:
+            location = None
+            if tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the DB, not in cwd
+                db = Path(tracking_uri[len("sqlite:///") :])
+                location = (db.parent / "mlartifacts").as_uri()
+            try:
+                self.client.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # created concurrently by another process
+                pass
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                raise
-            return found.experiment_id
+                raise RuntimeError(f"MLflow experiment {experiment!r} could not be created in {tracking_uri}")
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return str(found.experiment_id)
 
     def _reopen(self, run_id: str) -> Any:
         try:
@@ -219,6 +228,10 @@ class RunTracker:
                 )
         for chunk in _chunks(new, _BATCH):
             self.client.log_batch(self.run_id, params=list(chunk))
+
+    def status(self) -> str:
+        """The run's status as MLflow holds it (RUNNING, FINISHED, FAILED, KILLED)."""
+        return str(self.client.get_run(self.run_id).info.status)
 
     def close(self, status: str = "FINISHED") -> None:
         """Mark the run terminated with `status` in FINISHED / FAILED / KILLED."""

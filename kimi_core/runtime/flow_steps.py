@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from kimi_core.engines.base import EngineInputs
-from kimi_core.failures import PermanentFailure, SessionLost
-from kimi_core.pipeline.context import RunContext
-from kimi_core.pipeline.driver import Progress, RunDriver, console
-from kimi_core.ray_local import RayHead, free_port, is_alive, short_temp_dir, start_local_ray_head, stop_local_ray_head, worker_port_range
+from kimi_core.runtime.failures import PermanentFailure, SessionLost
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.ledger import Progress, RunDriver, console
+from kimi_core.runtime.ray_local import RayHead, free_port, is_alive, short_temp_dir, start_local_ray_head, stop_local_ray_head, worker_port_range
 
 NAMESPACE = "kimi-grpo"
 
@@ -61,7 +61,7 @@ def open_session(ctx: RunContext, cluster: dict[str, Any], data: dict[str, Any],
     """Open the engine actor and the MLflow run; return where the session starts."""
     import ray
 
-    from kimi_core.session import attach_session, engine_threads
+    from kimi_core.runtime.session import attach_session, engine_threads
 
     started, threads = time.perf_counter(), engine_threads()
     driver = RunDriver(ctx)
@@ -102,7 +102,7 @@ def _session(ctx: RunContext, session: dict[str, Any]) -> _Live:
 
 
 def _actor(ctx: RunContext, driver: RunDriver, session: dict[str, Any]) -> Any:
-    from kimi_core.session import get_session
+    from kimi_core.runtime.session import get_session
 
     try:
         return get_session(driver.paths.run_name, address=session["address"], namespace=NAMESPACE)

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kimi_core.failures import PermanentFailure, is_transient, job_error_line
-from kimi_core.pipeline import stages
-from kimi_core.pipeline.context import RunContext
-from kimi_core.pipeline.driver import RunDriver, cache_key, file_identity
+from kimi_core.runtime.failures import PermanentFailure, is_transient, job_error_line
+from kimi_core import stages
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.ledger import RunDriver, cache_key, file_identity
 from kimi_core.recipe import Recipe, resolve_path
 # At import, not in run_job: importing submitit reconfigures logging (dictConfig), which can deadlock
 # with the flow's log handler when it happens while stage tasks run concurrently.

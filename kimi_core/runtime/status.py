@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kimi_core.pipeline.context import RunContext
+from kimi_core.runtime.context import RunContext
 from kimi_core.recipe import RunPlan, plan_run
 from kimi_core.run_state import Manifest, RunPaths, checkpoint_dir, latest_checkpoint
 

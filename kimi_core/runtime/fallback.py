@@ -5,7 +5,7 @@ SIGUSR1 or SIGTERM (the time-limit signal, a preemption, `scontrol requeue`) ask
 save at the next rollout boundary; the process then exits with `REQUEUE_EXIT` so the batch
 script requeues the job, and the requeued job resumes from that checkpoint.
 
-    python -m kimi_core.pipeline.fallback RECIPE [--run-name N] [--base-dir D] [--cluster P] [--set k=v ...]
+    python -m kimi_core.runtime.fallback RECIPE [--run-name N] [--base-dir D] [--cluster P] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from types import FrameType
 from typing import Any
 
 from kimi_core.engines.base import EngineInputs
-from kimi_core.pipeline import stages
-from kimi_core.pipeline.context import RunContext
-from kimi_core.pipeline.driver import Progress, RunDriver, console
-from kimi_core.pipeline.jobs import convert_key, data_key, model_key
-from kimi_core.pipeline.status import completed_run
+from kimi_core import stages
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.ledger import Progress, RunDriver, console
+from kimi_core.runtime.jobs import convert_key, data_key, model_key
+from kimi_core.runtime.status import completed_run
 from kimi_core.recipe import RecipeError
-from kimi_core.session import EngineSession, engine_threads
+from kimi_core.runtime.session import EngineSession, engine_threads
 
 REQUEUE_EXIT = 3
 
@@ -105,7 +105,7 @@ def _evaluate(driver: RunDriver, session: EngineSession, rollout_id: int) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kimi_core.pipeline.fallback", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kimi_core.runtime.fallback", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("--run-name")
     parser.add_argument("--base-dir")

@@ -7,8 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kimi_core.pipeline import rollouts
-from kimi_core.pipeline.context import RunContext
+from kimi_core.runtime import flow_steps
+from kimi_core.runtime.context import RunContext
 from tasks.retry import transient_only
 
 

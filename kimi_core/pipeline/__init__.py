@@ -1,1 +1,0 @@
-"""The pipeline's stages as plain functions, shared by the Prefect flow and the sbatch fallback."""

@@ -1,0 +1,133 @@
+"""`RunLedger`: a run's bookkeeping around stages and rollouts — manifest and MLflow run.
+
+Shared by the Prefect flow (one ledger per task call; everything it needs is on disk) and the
+sbatch fallback (one ledger for the whole run). It never holds tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from kimi_core.engines.base import ROLLOUT_METRICS_FILE
+from kimi_core.recipe import plan_run, recipe_hash, recipe_to_dict
+from kimi_core.run_state import checkpoint_dir, latest_checkpoint
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.manifest import Manifest
+from kimi_core.runtime.progress import console
+from kimi_core.runtime.tracking import RunTracker, git_sha, resolve_tracking_uri
+
+#: The recipe field that says how far a run goes: it may grow when a run is extended
+#: (`--num-rollout`), so MLflow gets it as a tag, not as a param (params cannot change).
+RUN_LENGTH_KEY = "rollout.num_rollout"
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable key of JSON-able parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class RunLedger:
+    """The run's recipe, paths, plan, manifest and MLflow run."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.recipe = ctx.recipe()
+        self.paths = ctx.paths(self.recipe).ensure()
+        self.plan = plan_run(self.recipe)
+        self.manifest = Manifest.load_or_create(self.paths, recipe_hash=recipe_hash(self.recipe))
+        self._tracker: RunTracker | None = None
+
+    # ---- stages --------------------------------------------------------------------------
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]], *, key: str) -> dict[str, Any]:
+        """Run stage `name` and record its result. The stage itself checks the content of its
+        inputs against its earlier output (source bytes, checkpoint shards), so an unchanged input
+        returns at once with `cached: true` and a changed one is redone; the manifest records which."""
+        started = time.perf_counter()
+        result = fn()
+        cached = bool(result.get("cached"))
+        self.manifest.record_stage(name, cache_key=key, result=result, cached=cached)
+        verdict = "inputs unchanged, earlier output reused" if cached else "done"
+        console.print(f"stage {name}: {verdict} in {time.perf_counter() - started:.1f} s", markup=False)
+        return result
+
+    # ---- tracking ------------------------------------------------------------------------
+    def tracking_uri(self) -> str:
+        configured = self.recipe.tracking.tracking_uri
+        if configured and not os.environ.get("MLFLOW_TRACKING_URI"):
+            return configured
+        return resolve_tracking_uri(self.paths.mlflow_db)
+
+    def open_tracking(self, *, attempt: int, engine: str) -> RunTracker:
+        """Create the run's MLflow run once; reopen it by id (from the manifest) on resume.
+
+        Params are the flattened resolved recipe without its length (`rollout.num_rollout`, a tag),
+        so a run extended with `--num-rollout` logs into the same MLflow run.
+        """
+        params = recipe_to_dict(self.recipe)
+        params["rollout"] = {k: v for k, v in params["rollout"].items() if f"rollout.{k}" != RUN_LENGTH_KEY}
+        tracker = RunTracker()
+        run_id = tracker.open(
+            tracking_uri=self.tracking_uri(), experiment=self.recipe.tracking.experiment,
+            run_name=self.paths.run_name, run_id=self.manifest.mlflow_run_id, params=params,
+            tags={"git_sha": git_sha(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))),
+                  "engine": engine, "recipe_hash": self.manifest.recipe_hash,
+                  RUN_LENGTH_KEY: str(self.recipe.rollout.num_rollout)},
+            slurm_job_ids=[j for attempt_ids in self.manifest.slurm_job_ids for j in attempt_ids],
+            attempt_id=f"{self.paths.run_name}-{attempt}",
+        )
+        if self.manifest.mlflow_run_id is None:
+            tracker.log_artifact_text("recipe.yaml", yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
+        self.manifest.update(mlflow_run_id=run_id, mlflow_tracking_uri=tracker.tracking_uri, finished=False)
+        self._tracker = tracker
+        return tracker
+
+    @property
+    def tracker(self) -> RunTracker:
+        if self._tracker is None:
+            if self.manifest.mlflow_run_id is None or self.manifest.mlflow_tracking_uri is None:
+                raise RuntimeError("the MLflow run is not open yet")
+            self._tracker = RunTracker.attach(tracking_uri=self.manifest.mlflow_tracking_uri,
+                                              run_id=self.manifest.mlflow_run_id)
+        return self._tracker
+
+    def close_tracking(self, status: str) -> None:
+        """End the MLflow run with `status` if an attempt holds it open (RUNNING). A run that is
+        already FINISHED stays so: an attempt that fails before reopening it (say, extending a
+        finished run with a bad override) never marks the finished run FAILED."""
+        if self.manifest.mlflow_run_id is None:
+            return
+        if self.tracker.status() == "RUNNING":
+            self.tracker.close(status)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which `key` was already logged (a redone rollout after a crash is not logged twice)."""
+        history = self.tracker.client.get_metric_history(self.tracker.run_id, key)
+        return {m.step for m in history}
+
+    def logged_eval_steps(self) -> set[int]:
+        """Steps at which the first eval set's score was already logged."""
+        names = [f"eval/{d.name}" for d in self.recipe.eval.datasets]
+        return self.logged_steps(names[0]) if names else set()
+
+    def logged_rollouts(self, start: int) -> set[int]:
+        """Rollouts whose metrics MLflow holds, after back-filling those the checkpoint before `start`
+        holds but MLflow does not (an engine saved them, then its orchestrator died before logging)."""
+        logged = self.logged_steps("rollout/raw_reward")
+        saved = checkpoint_dir(self.paths, start - 1) / ROLLOUT_METRICS_FILE if start > 0 else None
+        if saved is not None and saved.is_file():
+            for rollout_id, metrics in json.loads(saved.read_text()).items():
+                if int(rollout_id) not in logged:
+                    self.tracker.log_metrics(metrics, step=int(rollout_id))
+                    logged.add(int(rollout_id))
+        return logged
+
+    def start_rollout_id(self) -> int:
+        latest = latest_checkpoint(self.paths)
+        return 0 if latest is None else latest + 1

@@ -1,0 +1,146 @@
+"""The engine session: the engine held by one long-lived process (docs/design.md §5).
+
+`EngineSession` owns one engine and makes every per-rollout call idempotent: a retried call for
+the rollout it just ran returns the result it holds, so a retried task never trains a rollout
+twice. In the flow it lives in a detached, named Ray actor (`attach_actor`), driven through an
+`ActorSession`; in the sbatch fallback and the benchmarks, in the calling process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from kimi_core.engines import make_engine
+from kimi_core.engines.base import EngineInputs, EvalResult, RolloutResult
+from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.failures import SessionLost
+from kimi_core.runtime.progress import console
+
+#: Environment variable: torch threads of the engine (default `DEFAULT_THREADS`), for the flow and the fallback.
+THREADS_ENV = "KIMI_GRPO_THREADS"
+DEFAULT_THREADS = 1  # the engine actor ran no faster with 2 on a 2-core machine (orchestration benchmark)
+
+
+def engine_threads() -> int:
+    """Torch threads for the engine: `$KIMI_GRPO_THREADS`, else `DEFAULT_THREADS`."""
+    value = os.environ.get(THREADS_ENV, str(DEFAULT_THREADS))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${THREADS_ENV}={value!r}: expected a positive integer (torch threads of the engine)")
+    return int(value)
+
+
+class SessionOutOfStep(RuntimeError):
+    """The caller asked for a rollout the session is not at (the session must be reopened)."""
+
+
+class EngineSession:
+    """One engine, one rollout at a time; the loop decides what to save (`save`, `force_sync`)."""
+
+    def __init__(self, ctx: RunContext, inputs: EngineInputs, *, num_threads: int | None = None):
+        if num_threads:
+            import torch  # noqa: PLC0415 - the session process is the one that pays for torch
+
+            torch.set_num_threads(num_threads)
+        recipe = ctx.recipe()
+        self.paths = ctx.paths(recipe)
+        self.engine = make_engine(recipe, paths=self.paths, inputs=inputs)
+        self.next_rollout = -1
+        self.last: RolloutResult | None = None
+        self._lock = threading.Lock()  # a retried call waits for the running one, then finds its result
+
+    def start(self) -> int:
+        """(Re)load the latest complete checkpoint; return the first rollout id to run."""
+        with self._lock:
+            self.last = None
+            # This session is the run's only checkpoint writer: temp dirs left here are saves an
+            # earlier process did not finish (never the latest: the tracker moves last).
+            for partial in cleanup_incomplete(self.paths):
+                console.print(f"removed the unfinished save {partial}", markup=False)
+            self.next_rollout = self.engine.start(latest_checkpoint(self.paths))
+            return self.next_rollout
+
+    def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
+        with self._lock:
+            if self.last is not None and self.last.rollout_id == rollout_id:
+                return self.last
+            if rollout_id != self.next_rollout:
+                raise SessionOutOfStep(f"session is at rollout {self.next_rollout}, asked for {rollout_id}")
+            self.last = self.engine.train_rollout(rollout_id, save=save, force_sync=force_sync)
+            self.next_rollout = rollout_id + 1
+            return self.last
+
+    def evaluate(self, rollout_id: int) -> EvalResult:
+        with self._lock:
+            return self.engine.evaluate(rollout_id)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# ---- the session in a Ray actor --------------------------------------------------------------
+def actor_name(run_name: str) -> str:
+    return f"kimi-grpo-engine-{run_name}"
+
+
+def attach_actor(*, namespace: str, ctx: RunContext, inputs: EngineInputs, num_cpus: float = 1,
+                 num_threads: int | None = None) -> tuple[Any, bool]:
+    """Create the run's detached engine actor, or re-attach to it by name (Ray must be connected).
+
+    Returns at once with `(actor handle, reattached)`: a new actor builds its engine in the
+    background; call `start` on it to (re)load the latest checkpoint.
+    """
+    import ray  # noqa: PLC0415 - Ray is imported by the processes that talk to the cluster only
+
+    name = actor_name(ctx.name(ctx.recipe()))
+    try:
+        return ray.get_actor(name, namespace=namespace), True
+    except ValueError:
+        remote_cls = ray.remote(EngineSession)
+        actor = remote_cls.options(name=name, namespace=namespace, lifetime="detached", num_cpus=num_cpus,
+                                   max_concurrency=2, max_restarts=0).remote(ctx, inputs, num_threads=num_threads)
+        return actor, False
+
+
+def lookup_actor(run_name: str, *, namespace: str) -> Any:
+    """The live engine actor of run `run_name`; `SessionLost` when it is gone."""
+    import ray  # noqa: PLC0415 - see attach_actor
+
+    try:
+        return ray.get_actor(actor_name(run_name), namespace=namespace)
+    except (ValueError, ConnectionError) as exc:
+        raise SessionLost(f"the engine session of run {run_name!r} is gone: {exc}") from exc
+
+
+class ActorSession:
+    """The loop's `Session` over an `EngineSession` actor: a dead actor becomes `SessionLost`, an
+    error raised inside a call is re-raised as itself (so the loop and Prefect classify it)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
+        result: RolloutResult = self._get(self.actor.train_rollout.remote(rollout_id, save=save, force_sync=force_sync),
+                                          f"train_rollout {rollout_id}")
+        return result
+
+    def evaluate(self, rollout_id: int) -> EvalResult:
+        result: EvalResult = self._get(self.actor.evaluate.remote(rollout_id), f"evaluate {rollout_id}")
+        return result
+
+    @staticmethod
+    def _get(ref: Any, what: str) -> Any:
+        import ray  # noqa: PLC0415 - see attach_actor
+        import ray.exceptions as rex  # noqa: PLC0415
+
+        try:
+            return ray.get(ref)
+        except (rex.RayActorError, rex.ActorDiedError) as exc:
+            raise SessionLost(f"{what}: the engine actor died: {exc}") from exc
+        except rex.RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            if isinstance(cause, SessionOutOfStep):
+                raise SessionLost(f"{what}: {cause}") from exc
+            raise cause from exc
