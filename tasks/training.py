@@ -1,4 +1,4 @@
-"""Tasks of the engine session: cluster bring-up, the session, one rollout, one eval, finish."""
+"""Tasks of training: cluster bring-up, the engine session, one rollout, one eval, finish, abort."""
 
 from __future__ import annotations
 
@@ -7,51 +7,53 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime import flow_steps
 from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.flow_steps import ClusterInfo, RunSummary, SessionHandle
 from tasks.retry import transient_only
 
 
 @task(name="bring_up_cluster", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=transient_only)
-def bring_up_cluster(ctx: RunContext) -> dict[str, Any]:
-    """A live Ray cluster for the run (reused when the manifest's is alive).
+def bring_up_cluster(ctx: RunContext) -> ClusterInfo:
+    """A Ray cluster for the run.
 
     No task timeout: the flow runs this on a worker thread beside the stages, where a Prefect timeout
     cannot interrupt a wait; the head's start has its own bounded readiness wait.
     """
-    return rollouts.bring_up_cluster(ctx)
+    return flow_steps.bring_up_cluster(ctx)
 
 
 @task(name="open_session", retries=1, retry_delay_seconds=10, timeout_seconds=1800,
       cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def open_session(ctx: RunContext, cluster: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], model: dict[str, Any]) -> SessionHandle:
     """Create or re-attach to the detached engine actor; it loads the latest complete checkpoint."""
-    return rollouts.open_session(ctx, cluster, data, model)
+    return flow_steps.open_session(ctx, cluster, data, model)
 
 
 @task(name="train_rollout", task_run_name="train_rollout-{rollout_id}", retries=2, retry_delay_seconds=5,
       timeout_seconds=6 * 3600, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def train_rollout(ctx: RunContext, session: dict[str, Any], rollout_id: int) -> dict[str, float]:
-    """generate -> reward -> filter -> advantages -> train -> save if due; log metrics."""
-    return rollouts.train_rollout(ctx, session, rollout_id)
+def train_rollout(handle: SessionHandle, rollout_id: int) -> RolloutResult:
+    """generate -> reward -> filter -> advantages -> train -> save if due -> push weights; log metrics."""
+    return flow_steps.train_rollout(handle, rollout_id)
 
 
 @task(name="evaluate", task_run_name="evaluate-{rollout_id}", retries=2, retry_delay_seconds=5,
       timeout_seconds=6 * 3600, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def evaluate(ctx: RunContext, session: dict[str, Any], rollout_id: int) -> dict[str, float]:
+def evaluate(handle: SessionHandle, rollout_id: int) -> EvalResult:
     """Eval sets, n samples each; log `eval/<name>` metrics and sample generations."""
-    return rollouts.evaluate(ctx, session, rollout_id)
+    return flow_steps.evaluate(handle, rollout_id)
 
 
 @task(name="finish", retries=1, retry_delay_seconds=5, timeout_seconds=600, cache_policy=NO_CACHE,
       retry_condition_fn=transient_only)
-def finish(ctx: RunContext, session: dict[str, Any] | None) -> dict[str, Any]:
+def finish(handle: SessionHandle) -> RunSummary:
     """Close the MLflow run, stop the engine and release the cluster."""
-    return rollouts.finish(ctx, session)
+    return flow_steps.finish(handle)
 
 
 @task(name="abort", retries=0, timeout_seconds=300, cache_policy=NO_CACHE)
-def abort(ctx: RunContext, session: dict[str, Any] | None, status: str) -> None:
-    """The run stopped on an error: mark the MLflow run `status`, stop the engine and the local Ray head."""
-    rollouts.abort(ctx, session, status)
+def abort(ctx: RunContext, handle: SessionHandle | None, status: str) -> None:
+    """The run stopped on an error: end the MLflow run with `status`, stop the engine and the local Ray head."""
+    flow_steps.abort(ctx, handle, status)

@@ -18,6 +18,7 @@ from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import SessionLost
 from kimi_core.runtime.progress import console
+from kimi_core.runtime.ray_local import ray_env
 
 #: Environment variable: torch threads of the engine (default `DEFAULT_THREADS`), for the flow and the fallback.
 THREADS_ENV = "KIMI_GRPO_THREADS"
@@ -81,6 +82,30 @@ class EngineSession:
 
 
 # ---- the session in a Ray actor --------------------------------------------------------------
+def connect(address: str, namespace: str) -> None:
+    """Connect this process to the Ray cluster at `address` as a driver; a process connected to
+    another address (an earlier head of the run) disconnects first."""
+    import ray  # noqa: PLC0415 - Ray is imported by the processes that talk to the cluster only
+
+    global _connected_to  # noqa: PLW0603 - this process's one Ray connection
+    if ray.is_initialized():
+        if _connected_to == address:
+            return
+        ray.shutdown()
+    if address.startswith("127.0.0.1:"):
+        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; when it is on (Linux default)
+        # a driver swaps 127.0.0.1 for the machine's address and never reaches a loopback-only head.
+        from ray._private import ray_constants  # noqa: PLC0415
+
+        os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    _connected_to = address
+
+
+_connected_to: str | None = None
+
+
 def actor_name(run_name: str) -> str:
     return f"kimi-grpo-engine-{run_name}"
 
@@ -122,16 +147,17 @@ class ActorSession:
         self.actor = actor
 
     def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
-        result: RolloutResult = self._get(self.actor.train_rollout.remote(rollout_id, save=save, force_sync=force_sync),
+        result: RolloutResult = self.get(self.actor.train_rollout.remote(rollout_id, save=save, force_sync=force_sync),
                                           f"train_rollout {rollout_id}")
         return result
 
     def evaluate(self, rollout_id: int) -> EvalResult:
-        result: EvalResult = self._get(self.actor.evaluate.remote(rollout_id), f"evaluate {rollout_id}")
+        result: EvalResult = self.get(self.actor.evaluate.remote(rollout_id), f"evaluate {rollout_id}")
         return result
 
     @staticmethod
-    def _get(ref: Any, what: str) -> Any:
+    def get(ref: Any, what: str) -> Any:
+        """`ray.get(ref)`, with a dead actor as `SessionLost` and a call's own error re-raised as itself."""
         import ray  # noqa: PLC0415 - see attach_actor
         import ray.exceptions as rex  # noqa: PLC0415
 
