@@ -1,9 +1,18 @@
-"""The engine protocol (DESIGN §5): one rollout at a time, driven by a flow or a plain loop."""
+"""The engine protocol (docs/design.md §5): one rollout at a time, driven by a flow or a plain loop.
+
+A rollout trains and, when asked, saves a checkpoint before it returns (as miles' train.py saves
+between training and the weight push), so the caller never saves on its own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+#: File in each committed checkpoint directory: JSON `{str(rollout_id): metrics}` of the rollouts
+#: trained since the previous save, the saving rollout included, so that a rollout saved after its
+#: orchestrator died can still be logged when the run resumes (it is not trained again).
+ROLLOUT_METRICS_FILE = "rollout_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -15,21 +24,46 @@ class EngineInputs:
     initial_checkpoint: str
 
 
+@dataclass(frozen=True)
+class RolloutResult:
+    """What one trained rollout produced."""
+
+    rollout_id: int
+    metrics: dict[str, float]  # miles names: rollout/..., train/..., perf/...
+    checkpoint: str | None  # the committed checkpoint dir when this rollout saved, else None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What one evaluation produced."""
+
+    rollout_id: int
+    metrics: dict[str, float]  # eval/<name>, eval/<name>/pass_at_<k>, ...
+    samples: tuple[dict[str, Any], ...]  # sample generations for the MLflow table
+
+
 class Engine(Protocol):
     """What the pipeline needs from a training engine."""
 
     def start(self, resume_from: int | None) -> int:
-        """Load weights (the checkpoint of rollout `resume_from`, or the initial ones); return the
-        first rollout id to run."""
+        """Load weights (the checkpoint of rollout `resume_from`, or the initial ones) and the data
+        position and RNG states saved with them; return the first rollout id to run."""
 
-    def train_rollout(self, rollout_id: int) -> dict[str, float]:
-        """Generate, reward, filter, compute advantages and train; return metrics (miles names)."""
+    def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
+        """Generate, reward, filter, compute advantages and train rollout `rollout_id`.
 
-    def evaluate(self, rollout_id: int) -> dict[str, float]:
-        """Evaluate the current policy on the eval sets; return `eval/<name>...` metrics."""
+        With `save`, write a complete checkpoint of the state after this rollout and commit it as
+        the latest before returning (its path in `RolloutResult.checkpoint`); the checkpoint holds
+        `ROLLOUT_METRICS_FILE`. `force_sync` asks an engine that saves asynchronously to finish the
+        save before returning (a deadline or preemption save); a synchronous engine ignores it.
 
-    def save(self, rollout_id: int) -> str:
-        """Write a complete checkpoint after `rollout_id` and mark it the latest; return its path."""
+        A call that raises leaves the engine as it was before the call (data position, RNG states,
+        weights, optimizer, unsaved metrics), so retrying the same rollout id trains exactly what
+        an uninterrupted run would have.
+        """
+
+    def evaluate(self, rollout_id: int) -> EvalResult:
+        """Evaluate the current policy on the eval sets (its own RNG: training is not perturbed)."""
 
     def close(self) -> None:
         """Release resources."""

@@ -1,19 +1,27 @@
 """LocalEngine: the GRPO recipe on one machine (CPU, or one GPU) with a tiny Kimi-shaped model.
 
-Per rollout (DESIGN §3): draw prompts -> sample n responses each -> reward -> dynamic-sampling
-filter -> group advantages -> recompute logp_old -> `num_steps_per_rollout` Adam steps. Saves hold
-the policy as HF safetensors, the optimizer state, the data position and every RNG state, so a
-resumed run is bitwise identical on CPU to one that never stopped.
+Per rollout (docs/design.md §3): draw prompts -> sample n responses each -> reward -> dynamic-sampling
+filter -> group advantages -> recompute logp_old -> `num_steps_per_rollout` Adam steps -> save if
+asked. Saves hold the policy as HF safetensors, the optimizer state, the data position, every RNG
+state and the metrics of the rollouts since the previous save, so a resumed run is bitwise
+identical on CPU to one that never stopped. A rollout that raises restores the state it started
+from, so retrying it is bitwise identical too.
+
+Fault points (`kimi_core.faults`, hook via `$KIMI_GRPO_FAULT_HOOK`): `train.mid` after sampling,
+before the optimizer steps; `save.mid` after the model files of a checkpoint, before its optimizer
+file. Both get `rollout_id` and `paths` (the run's `RunPaths`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
-import os
-import signal
+import json
+import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +31,11 @@ from torch import nn
 from kimi_core import grpo
 from kimi_core.checkpoint.int4 import fake_quantize_int4
 from kimi_core.data import read_prepared
-from kimi_core.engines.base import EngineInputs
+from kimi_core.engines.base import ROLLOUT_METRICS_FILE, EngineInputs, EvalResult, RolloutResult
 from kimi_core.engines.prompts import PromptSampler
 from kimi_core.engines.rollout import SamplingSpec, collect_groups, sample_groups
 from kimi_core.engines.update import LossSpec, build_batch, train_steps
+from kimi_core.faults import fault_point
 from kimi_core.model.io import load_model, save_pretrained
 from kimi_core.recipe import Recipe, plan_run
 from kimi_core.rewards import score_batch
@@ -91,6 +100,18 @@ class QATView(nn.Module):
         return torch.func.functional_call(self.inner, self._quantized(), args, kwargs, strict=False)
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """Everything a rollout may move, copied before it starts (cheap: the model is tiny)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    data: dict[str, int]
+    generator: torch.Tensor
+    torch_rng: torch.Tensor
+    unsaved: dict[int, dict[str, float]]
+
+
 class LocalEngine:
     """Implements `kimi_core.engines.base.Engine` with our torch model, sampler and GRPO math."""
 
@@ -101,11 +122,13 @@ class LocalEngine:
         self.device = device
         self.plan = plan_run(recipe)
         self.tokenizer = KimiByteTokenizer()
-        self.eval_samples: list[dict[str, Any]] = []
         self.policy: nn.Module | None = None
+        self._unsaved: dict[int, dict[str, float]] = {}  # metrics of the rollouts since the last save
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, resume_from: int | None) -> int:
+        """Load the initial weights or the checkpoint of `resume_from` (weights, optimizer, data
+        position, RNG states); return the first rollout id to run."""
         r = self.recipe
         source = self.inputs.initial_checkpoint if resume_from is None else str(self._ckpt(resume_from) / "model")
         self.model = load_model(source, dtype=torch.float32).to(self.device)
@@ -121,6 +144,7 @@ class LocalEngine:
         self.sampler = PromptSampler(read_prepared(self.inputs.train_data), seed=r.rollout.seed, shuffle=r.data.rollout_shuffle)
         self.generator = torch.Generator().manual_seed(r.rollout.seed)
         torch.manual_seed(r.rollout.seed)
+        self._unsaved = {}
         if resume_from is None:
             return 0
         self.optimizer.load_state_dict(torch.load(self._ckpt(resume_from) / "optimizer.pt", weights_only=True))
@@ -134,7 +158,29 @@ class LocalEngine:
         self.policy = self.model = self.reference = None  # type: ignore[assignment]
 
     # ---- one rollout -----------------------------------------------------------------------
-    def train_rollout(self, rollout_id: int) -> dict[str, float]:
+    def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
+        """Train rollout `rollout_id`; with `save`, commit its checkpoint before returning.
+
+        `force_sync` is accepted for the protocol: this engine always saves synchronously. When the
+        call raises (a fault in sampling, training or the save), the engine is put back as it was
+        before the call, so retrying the same rollout id trains exactly what an uninterrupted run
+        would; an unfinished save leaves no temp directory behind (unless the process died).
+        """
+        if self.policy is None:
+            raise RuntimeError("the engine is not started (call start first)")
+        before = self._snapshot()
+        try:
+            metrics = self._train(rollout_id)
+            unsaved = {**self._unsaved, rollout_id: dict(metrics)}
+            checkpoint = self._save(rollout_id, unsaved) if save else None
+        except BaseException:
+            self._restore(before)
+            raise
+        self._unsaved = {} if save else unsaved
+        return RolloutResult(rollout_id=rollout_id, metrics=metrics, checkpoint=checkpoint)
+
+    def _train(self, rollout_id: int) -> dict[str, float]:
+        """Sample, reward, filter, compute advantages and take the optimizer steps; return metrics."""
         r, started = self.recipe, time.perf_counter()
         spec = SamplingSpec(r.rollout.n_samples_per_prompt, r.rollout.max_response_len, r.rollout.temperature, r.rollout.top_p)
         groups, stats = collect_groups(
@@ -152,6 +198,7 @@ class LocalEngine:
             self.policy, self.reference, sequences=[s[0] for s in samples], prompt_lens=[s[1] for s in samples],
             rewards=rewards, n_samples_per_prompt=r.rollout.n_samples_per_prompt, rollout_logprobs=[s[2] for s in samples],
         )
+        fault_point("train.mid", rollout_id=rollout_id, paths=self.paths)
         train_metrics = train_steps(
             self.policy, self.optimizer, batch, num_steps=self.plan.steps_per_rollout, spec=self._loss_spec(),
             clip_grad=r.optimizer.clip_grad,
@@ -159,7 +206,7 @@ class LocalEngine:
         train_time = time.perf_counter() - started - rollout_time
         lengths = [len(resp) for g in groups for resp in g.responses]
         truncated = [t for g in groups for t in g.truncated]
-        metrics = {
+        return {
             "rollout/raw_reward": rewards.mean().item(),
             "rollout/response_len/mean": sum(lengths) / len(lengths),
             "rollout/response_len/max": float(max(lengths)),
@@ -172,7 +219,6 @@ class LocalEngine:
             "perf/train_time": train_time,
             "perf/tokens_per_s": stats.generated_tokens / max(rollout_time, 1e-9),
         }
-        return metrics
 
     def _score(self, responses: list[str], labels: list[str]) -> list[float]:
         return [float(x) for x in score_batch(responses, labels, rm_type=self.recipe.rollout.rm_type)]
@@ -185,16 +231,39 @@ class LocalEngine:
             per_token_loss=g.calculate_per_token_loss,
         )
 
+    # ---- retry safety ----------------------------------------------------------------------
+    def _snapshot(self) -> _Snapshot:
+        """Copies of the weights, optimizer, data position, RNG states and unsaved metrics."""
+        return _Snapshot(
+            model={name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            data=self.sampler.state_dict(),
+            generator=self.generator.get_state(),
+            torch_rng=torch.get_rng_state(),
+            unsaved=dict(self._unsaved),
+        )
+
+    def _restore(self, snapshot: _Snapshot) -> None:
+        """Put the engine back to `snapshot` (used once: the optimizer then owns its tensors)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.load_state_dict(snapshot.model)
+        self.optimizer.load_state_dict(snapshot.optimizer)
+        self.sampler.load_state_dict(snapshot.data)
+        self.generator.set_state(snapshot.generator)
+        torch.set_rng_state(snapshot.torch_rng)
+        self._unsaved = snapshot.unsaved
+
     # ---- eval ------------------------------------------------------------------------------
-    def evaluate(self, rollout_id: int) -> dict[str, float]:
-        """avg@n, unbiased pass@k and length stats per eval set; its own RNG seeded by the rollout id."""
+    def evaluate(self, rollout_id: int) -> EvalResult:
+        """avg@n, unbiased pass@k and length stats per eval set, and the first groups' generations;
+        its own RNG seeded by the rollout id (`eval_generator`), so training is not perturbed."""
         r, ev = self.recipe, self.recipe.eval
         generator = eval_generator(r.rollout.seed, rollout_id)
         n = ev.n_samples_per_prompt
         spec = SamplingSpec(n, ev.max_response_len or r.rollout.max_response_len,
                             r.rollout.temperature if ev.temperature is None else ev.temperature, ev.top_p)
         metrics: dict[str, float] = {}
-        self.eval_samples = []
+        samples: list[dict[str, Any]] = []
         for name, path in self.inputs.eval_data.items():
             groups = sample_groups(self.policy, self.tokenizer, read_prepared(path), spec=spec, reward_fn=self._score,
                                    generator=generator, apply_chat_template=r.data.apply_chat_template)
@@ -206,21 +275,23 @@ class LocalEngine:
                 metrics[f"eval/{name}/pass_at_{k}"] = sum(grpo.pass_at_k(n, c, k) for c in correct) / len(correct)
             metrics[f"eval/{name}/response_len/mean"] = sum(lengths) / len(lengths)
             metrics[f"eval/{name}/truncated_ratio"] = sum(t for g in groups for t in g.truncated) / len(lengths)
-            self.eval_samples += [
+            samples += [
                 {"rollout_id": rollout_id, "dataset": name, "label": str(g.row["label"]), "response": g.texts[0],
                  "reward": g.rewards[0]}
                 for g in groups[: r.tracking.sample_generations_per_eval]
             ]
-        return metrics
+        return EvalResult(rollout_id=rollout_id, metrics=metrics, samples=tuple(samples))
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _ckpt(self, rollout_id: int) -> Path:
         return Path(checkpoint_dir(self.paths, rollout_id))
 
-    def save(self, rollout_id: int, *, extra_files: dict[str, bytes] | None = None) -> str:
-        """Data position + RNG first, then the iter dir (temp + rename), then the tracker file last.
+    def _save(self, rollout_id: int, unsaved: dict[int, dict[str, float]]) -> str:
+        """Write and commit the checkpoint of `rollout_id`; return its directory.
 
-        `extra_files` (name -> bytes) are written into the checkpoint directory before it commits.
+        Order: data position + RNG states (atomic file), then the iter dir in a temp dir (model,
+        optimizer, `ROLLOUT_METRICS_FILE` holding `unsaved`), renamed into place, and the tracker
+        file last. A save that raises removes its temp dir.
         """
         state = {"data": self.sampler.state_dict(), "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "rollout_id": rollout_id}
@@ -230,31 +301,13 @@ class LocalEngine:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(target, buffer.getvalue())
         tmp = Path(begin_checkpoint(self.paths, rollout_id))
-        save_pretrained(self.model, self.model.config, tmp / "model")
-        _fault_injection_point(self.paths, rollout_id)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        commit_checkpoint(self.paths, rollout_id, tmp)
-        return str(self._ckpt(rollout_id))
-
-
-#: Test hook (fault injection): with `KIMI_GRPO_FAULT_AT_SAVE=<rollout_id>` the process that saves
-#: that rollout stops halfway through writing the checkpoint, once per run: it kills itself with
-#: SIGKILL, or with `KIMI_GRPO_FAULT_MODE=pause` it waits there (up to 10 minutes) so that a test
-#: can kill the whole machine's processes mid-save. The marker file is written first.
-FAULT_AT_SAVE_ENV = "KIMI_GRPO_FAULT_AT_SAVE"
-FAULT_MODE_ENV = "KIMI_GRPO_FAULT_MODE"
-
-
-def _fault_injection_point(paths: RunPaths, rollout_id: int) -> None:
-    if os.environ.get(FAULT_AT_SAVE_ENV) != str(rollout_id):
-        return
-    marker = paths.run_dir / f".fault-at-save-{rollout_id}"
-    if marker.exists():
-        return
-    marker.touch()
-    if os.environ.get(FAULT_MODE_ENV) == "pause":
-        time.sleep(600)
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            save_pretrained(self.model, self.model.config, tmp / "model")
+            fault_point("save.mid", rollout_id=rollout_id, paths=self.paths)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            metrics = json.dumps({str(k): v for k, v in sorted(unsaved.items())})
+            (tmp / ROLLOUT_METRICS_FILE).write_text(metrics, encoding="utf-8")
+            return str(commit_checkpoint(self.paths, rollout_id, tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -16,13 +16,17 @@ from torch import nn
 
 from kimi_core.checkpoint.int4 import fake_quantize_int4
 from kimi_core.data import read_prepared
-from kimi_core.engines.local import FAULT_AT_SAVE_ENV, QATView, eval_generator
+from kimi_core.engines.base import ROLLOUT_METRICS_FILE
+from kimi_core.engines.local import QATView, eval_generator
+from kimi_core.faults import FAULT_HOOK_ENV
 from kimi_core.engines.rollout import SamplingSpec, sample_groups
 from kimi_core.model.warmup import build_base_model, warmup_loss
 from kimi_core.model.io import load_model, load_state_dict
 from kimi_core.rewards import score_batch
 from kimi_core.run_state import checkpoint_dir, cleanup_incomplete, dataset_state_path, latest_checkpoint
 from tests.engines.conftest import EVAL_SET, REPO, SMALL, small_recipe
+from kimi_core.faults import fault_hook
+from tests.faults import AT_SAVE_ENV, InjectedFault, chain, raise_once
 
 
 def weights(engine) -> dict[str, torch.Tensor]:
@@ -39,6 +43,14 @@ def without_timings(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
 
 
+def train(engine, rollout_id: int, *, save: bool = False) -> dict[str, float]:
+    """Train one rollout (saving it when asked); return its metrics."""
+    result = engine.train_rollout(rollout_id, save=save, force_sync=False)
+    assert result.rollout_id == rollout_id
+    assert (result.checkpoint is not None) == save
+    return result.metrics
+
+
 def optimizer_tensors(engine) -> list[torch.Tensor]:
     state = engine.optimizer.state_dict()["state"]
     return [value for key in sorted(state) for _, value in sorted(state[key].items())]
@@ -51,7 +63,7 @@ def test_same_checkpoint_and_seed_give_identical_rollouts(new_engine, prepared):
     for name in ("first", "second"):
         engine = new_engine(name)
         assert engine.start(None) == 0
-        metrics = [without_timings(engine.train_rollout(rollout_id)) for rollout_id in range(2)]
+        metrics = [without_timings(train(engine, rollout_id)) for rollout_id in range(2)]
         runs.append((metrics, weights(engine)))
     (metrics_a, weights_a), (metrics_b, weights_b) = runs
     assert metrics_a == metrics_b
@@ -65,29 +77,26 @@ def test_same_checkpoint_and_seed_give_identical_rollouts(new_engine, prepared):
 def test_resume_from_a_checkpoint_is_bitwise_identical(new_engine):
     straight = new_engine("straight")
     straight.start(None)
-    straight_metrics = [without_timings(straight.train_rollout(rollout_id)) for rollout_id in range(4)]
+    straight_metrics = [without_timings(train(straight, rollout_id, save=rollout_id == 3)) for rollout_id in range(4)]
 
     interrupted = new_engine("resumed")
     interrupted.start(None)
     for rollout_id in range(2):
-        interrupted.train_rollout(rollout_id)
+        train(interrupted, rollout_id, save=rollout_id == 1)
     saved = weights(interrupted)
-    interrupted.save(1)
     interrupted.close()
 
     resumed = new_engine("resumed")
     assert latest_checkpoint(resumed.paths) == 1
     assert resumed.start(1) == 2
     assert_same_weights(weights(resumed), saved)
-    resumed_metrics = [without_timings(resumed.train_rollout(rollout_id)) for rollout_id in (2, 3)]
+    resumed_metrics = [without_timings(train(resumed, rollout_id, save=rollout_id == 3)) for rollout_id in (2, 3)]
 
     # same prompts (data position), same samples (RNG), same Adam moments -> same everything
     assert resumed_metrics == straight_metrics[2:]
     assert_same_weights(weights(resumed), weights(straight))
     for a, b in zip(optimizer_tensors(resumed), optimizer_tensors(straight), strict=True):
         assert torch.equal(a, b)
-    straight.save(3)
-    resumed.save(3)
     files = [checkpoint_dir(e.paths, 3) / "model" / "model.safetensors" for e in (straight, resumed)]
     assert files[0].read_bytes() == files[1].read_bytes()
     assert any(not torch.equal(saved[k], v) for k, v in weights(straight).items())
@@ -103,8 +112,7 @@ torch.set_num_threads(1)
 engine = LocalEngine(load_recipe(args["recipe"], overrides=args["overrides"]),
                      paths=RunPaths.of(args["base_dir"], args["run_name"]), inputs=EngineInputs(**args["inputs"]))
 start = engine.start(latest_checkpoint(engine.paths))
-engine.train_rollout(start)
-engine.save(start)
+engine.train_rollout(start, save=True, force_sync=False)
 """
 
 
@@ -112,8 +120,7 @@ def test_a_half_written_checkpoint_is_never_the_latest(new_engine, prepared):
     engine = new_engine("crash")
     engine.start(None)
     for rollout_id in range(2):
-        engine.train_rollout(rollout_id)
-    engine.save(1)
+        train(engine, rollout_id, save=rollout_id == 1)
     committed = weights(engine)
     engine.close()
     paths = engine.paths
@@ -121,10 +128,11 @@ def test_a_half_written_checkpoint_is_never_the_latest(new_engine, prepared):
     # another process trains rollout 2 and is SIGKILLed halfway through saving it
     args = {"recipe": str(REPO / "configs" / "local.yaml"), "overrides": SMALL, "base_dir": str(paths.base_dir),
             "run_name": paths.run_name, "inputs": vars(prepared.inputs)}
-    env = {**os.environ, FAULT_AT_SAVE_ENV: "2", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, FAULT_HOOK_ENV: "tests.faults:at_save", AT_SAVE_ENV: "2", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, json.dumps(args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (paths.run_dir / ".fault-at-save-2").is_file()  # the hook's once-per-run marker
     leftovers = [p for p in paths.checkpoints.iterdir() if p.name.startswith("iter_0000002")]
     assert len(leftovers) == 1 and leftovers[0].name != checkpoint_dir(paths, 2).name
     assert (leftovers[0] / "model").is_dir() and not (leftovers[0] / "optimizer.pt").exists()
@@ -135,16 +143,63 @@ def test_a_half_written_checkpoint_is_never_the_latest(new_engine, prepared):
     assert restarted.start(latest_checkpoint(paths)) == 2
     assert_same_weights(weights(restarted), committed)
     assert cleanup_incomplete(paths) == leftovers
-    restarted.train_rollout(2)
-    restarted.save(2)
+    train(restarted, 2, save=True)
     assert latest_checkpoint(paths) == 2
+
+
+# ----------------------------------------------------------------------------- retries
+def test_a_retried_rollout_equals_the_uninterrupted_one(new_engine):
+    saves = {0, 2, 3}
+    straight = new_engine("straight")
+    straight.start(None)
+    straight_metrics = [without_timings(train(straight, i, save=i in saves)) for i in range(4)]
+
+    # transient faults inside a save (rollout 0: the first Adam state), after sampling (rollout 1),
+    # and both in turn (rollout 2): each call raises once, and the retried call succeeds
+    faults = [raise_once("save.mid", 0), raise_once("train.mid", 1), raise_once("train.mid", 2),
+              raise_once("save.mid", 2)]
+    retried = new_engine("retried")
+    retried.start(None)
+    retried_metrics = []
+    with fault_hook(chain(*faults)):
+        for rollout_id in range(4):
+            for _attempt in range(3):
+                before = (weights(retried), [t.clone() for t in optimizer_tensors(retried)], retried.sampler.state_dict(),
+                          retried.generator.get_state(), torch.get_rng_state())
+                try:
+                    retried_metrics.append(without_timings(train(retried, rollout_id, save=rollout_id in saves)))
+                    break
+                except InjectedFault:
+                    # the failed call left the engine exactly as it found it, and no unfinished save
+                    assert_same_weights(weights(retried), before[0])
+                    assert all(torch.equal(a, b) for a, b in zip(optimizer_tensors(retried), before[1], strict=True))
+                    assert retried.sampler.state_dict() == before[2]
+                    assert torch.equal(retried.generator.get_state(), before[3])
+                    assert torch.equal(torch.get_rng_state(), before[4])
+                    assert not [p for p in retried.paths.checkpoints.glob("iter_*") if ".tmp-" in p.name]
+    assert [f.fired for f in faults] == [1, 1, 1, 1]
+
+    assert retried_metrics == straight_metrics
+    assert_same_weights(weights(retried), weights(straight))
+    for a, b in zip(optimizer_tensors(retried), optimizer_tensors(straight), strict=True):
+        assert torch.equal(a, b)
+    assert latest_checkpoint(retried.paths) == 3
+    for rollout_id in sorted(saves):
+        files = [checkpoint_dir(e.paths, rollout_id) / "model" / "model.safetensors" for e in (straight, retried)]
+        assert files[0].read_bytes() == files[1].read_bytes()
+    # each checkpoint holds the metrics of the rollouts since the previous save, retries counted once
+    for rollout_id, since_save in ((0, [0]), (2, [1, 2]), (3, [3])):
+        saved = json.loads((checkpoint_dir(retried.paths, rollout_id) / ROLLOUT_METRICS_FILE).read_text())
+        assert list(saved) == [str(i) for i in since_save]
+        assert [without_timings(saved[str(i)]) for i in since_save] == [straight_metrics[i] for i in since_save]
 
 
 # ----------------------------------------------------------------------------- eval
 def test_evaluate_reports_avg_at_n_and_the_unbiased_pass_at_k(new_engine, prepared):
     engine = new_engine("eval")
     engine.start(None)
-    metrics = engine.evaluate(0)
+    result = engine.evaluate(0)
+    metrics = result.metrics
     n = engine.recipe.eval.n_samples_per_prompt
     assert n == 4
     assert {f"eval/{EVAL_SET}", *(f"eval/{EVAL_SET}/pass_at_{k}" for k in (1, 2, 4))} <= metrics.keys()
@@ -166,7 +221,10 @@ def test_evaluate_reports_avg_at_n_and_the_unbiased_pass_at_k(new_engine, prepar
         expected = sum(1 - math.comb(n - c, k) / math.comb(n, k) for c in correct) / len(correct)
         assert metrics[f"eval/{EVAL_SET}/pass_at_{k}"] == pytest.approx(expected)
     assert metrics[f"eval/{EVAL_SET}/pass_at_1"] == pytest.approx(metrics[f"eval/{EVAL_SET}"])
-    assert engine.evaluate(0) == metrics  # the same rollout id draws the same samples
+    assert engine.evaluate(0) == result  # the same rollout id draws the same samples (and metrics)
+    assert result.rollout_id == 0
+    assert 0 < len(result.samples) <= recipe.tracking.sample_generations_per_eval
+    assert all(sample["dataset"] == EVAL_SET and sample["rollout_id"] == 0 for sample in result.samples)
 
 
 def test_evaluating_does_not_perturb_training(new_engine):
@@ -174,10 +232,10 @@ def test_evaluating_does_not_perturb_training(new_engine):
     results = []
     for engine, with_eval in ((evaluated, True), (plain, False)):
         engine.start(None)
-        metrics = [without_timings(engine.train_rollout(0))]
+        metrics = [without_timings(train(engine, 0))]
         if with_eval:
             engine.evaluate(0)
-        metrics.append(without_timings(engine.train_rollout(1)))
+        metrics.append(without_timings(train(engine, 1)))
         results.append(metrics)
     assert results[0] == results[1]
     assert_same_weights(weights(evaluated), weights(plain))
@@ -215,7 +273,7 @@ def test_fake_int4_qat_quantizes_routed_experts_with_a_straight_through_gradient
 
     # a GRPO rollout trains the experts through the view; the stored weights stay full precision
     before = weights(engine)
-    metrics = engine.train_rollout(0)
+    metrics = train(engine, 0)
     assert all(math.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(before[n], params[n]) for n in engine.policy.names)
     expert = params[engine.policy.names[0]].detach()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 
 from kimi_core.engines import make_engine
+from kimi_core.engines.base import Engine
 from kimi_core.engines.local import EngineInputs, LocalEngine
 from kimi_core.recipe import load_recipe
 from kimi_core.run_state import RunPaths
@@ -26,3 +28,10 @@ def test_gpu_recipe_names_the_missing_engine(tmp_path: Path) -> None:
     assert recipe.cluster.accelerator == "gpu"
     with pytest.raises(NotImplementedError, match="Megatron \\+ SGLang engine"):
         make_engine(recipe, paths=RunPaths.of(tmp_path, "r"), inputs=INPUTS)
+
+
+def test_the_local_engine_implements_the_protocol_with_its_exact_signatures() -> None:
+    for name in ("start", "train_rollout", "evaluate", "close"):
+        protocol, local = inspect.signature(getattr(Engine, name)), inspect.signature(getattr(LocalEngine, name))
+        assert local == protocol, f"{name}: LocalEngine{local} != Engine{protocol}"
+    assert not hasattr(LocalEngine, "save") and not hasattr(Engine, "save")
