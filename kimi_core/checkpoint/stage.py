@@ -1,10 +1,7 @@
 """The `convert_checkpoint` stage: one conversion, cached by the content of its inputs.
 
-Cache key = sha256 over (mode, CONVERTER_VERSION, options, every input file's relative path, size
-and digest). A file up to `full_hash_max_bytes` is hashed whole (streaming sha256); a larger one
-by its size plus `SAMPLE_BLOCKS` blocks of 1 MiB at evenly spaced offsets (first and last
-included): reading a 1 TB checkpoint fully on every run would cost more than the conversion,
-and safetensors shards of a new model differ in their headers and sampled bytes.
+The cache key and the check whether `dst` already holds this conversion live in the torch-free
+`kimi_core.checkpoint.cache` (see its docstring for the key); this module does the conversion.
 
 The output is written to `.{dst}.partial` beside `dst`, verified (tensor count, dtypes and shapes
 against the source, and a bitwise check of a few sampled tensors), then `.conversion.json` is
@@ -15,67 +12,29 @@ with the same inputs finds the record and returns `cached=True` without work.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from kimi_core.checkpoint import int4, torch_dist
+from kimi_core.checkpoint.cache import (
+    CONVERTER_VERSION,
+    DEFAULT_FULL_HASH_MAX_BYTES,
+    DEFAULT_GROUP_SIZE,
+    RECORD_NAME,
+    ConversionResult,
+    Mode,
+    check_mode,
+    conversion_key,
+    lookup_conversion,
+)
 from kimi_core.checkpoint.safetensors_io import TensorReader, read_checkpoint_entries
-
-CONVERTER_VERSION = "1"
-RECORD_NAME = ".conversion.json"
-SAMPLE_BLOCKS = 16
-SAMPLE_BLOCK_BYTES = 1 << 20
-Mode = Literal["hf_to_torch_dist", "torch_dist_to_hf", "int4_to_bf16", "bf16_to_int4"]
-MODES = ("hf_to_torch_dist", "torch_dist_to_hf", "int4_to_bf16", "bf16_to_int4")
-
-
-@dataclass(frozen=True)
-class ConversionResult:
-    """What the stage did: where, under which cache key, whether it reused an earlier output."""
-
-    mode: str
-    src: str
-    dst: str
-    cache_key: str
-    cached: bool
-    num_tensors: int
-    seconds: float
-
-
-def file_digest(path: Path, *, full_hash_max_bytes: int) -> str:
-    """`sha256:<hex>` of the whole file, or `sampled-sha256:<hex>` of size + sampled blocks."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= full_hash_max_bytes:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-            return f"sha256:{digest.hexdigest()}"
-        digest.update(str(size).encode())
-        last = max(size - SAMPLE_BLOCK_BYTES, 0)
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(last * i // (SAMPLE_BLOCKS - 1))
-            digest.update(f.read(SAMPLE_BLOCK_BYTES))
-    return f"sampled-sha256:{digest.hexdigest()}"
-
-
-def input_manifest(src: Path, *, full_hash_max_bytes: int) -> list[dict[str, object]]:
-    """`[{path, size, digest}]` of every file under `src` (sorted; the stage record excluded)."""
-    if not src.exists():
-        raise ValueError(f"convert_checkpoint: source {src} does not exist")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != RECORD_NAME)
-    return [{"path": str(p.relative_to(src)), "size": p.stat().st_size,
-             "digest": file_digest(p, full_hash_max_bytes=full_hash_max_bytes)} for p in files]
-
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (dtype, shape and bytes)."""
@@ -155,29 +114,27 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def convert_stage(*, mode: Mode, src: str, dst: str, group_size: int = 32, ignore: list[str] | None = None,
-                  rank: int = 0, world_size: int = 1, full_hash_max_bytes: int = 256 << 20) -> ConversionResult:
+def convert_stage(*, mode: Mode, src: str, dst: str, group_size: int = DEFAULT_GROUP_SIZE,
+                  ignore: list[str] | None = None, rank: int = 0, world_size: int = 1,
+                  full_hash_max_bytes: int = DEFAULT_FULL_HASH_MAX_BYTES) -> ConversionResult:
     """Convert `src` into `dst` unless `dst` already holds this conversion of these inputs.
 
-    `world_size > 1` (only for `hf_to_torch_dist`) needs an initialized process group; every
-    rank calls this, rank 0 hashes, verifies and publishes.
+    The early return is the check of `cache.cached_conversion` (same key, same record), done
+    with its two halves so that the inputs are hashed once and their manifest goes into the
+    new record. `world_size > 1` (only for `hf_to_torch_dist`) needs an initialized process
+    group; every rank calls this, rank 0 hashes, verifies and publishes.
     """
-    if mode not in MODES:
-        raise ValueError(f"convert_checkpoint: unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    check_mode(mode)
     if world_size > 1 and (mode != "hf_to_torch_dist" or not dist.is_initialized()):
         raise ValueError("convert_checkpoint: world_size > 1 needs mode hf_to_torch_dist and a process group")
     start = time.monotonic()
     src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
-    options = {"group_size": group_size, "ignore": ignore} if mode == "bf16_to_int4" else {}
-    inputs = input_manifest(src_path, full_hash_max_bytes=full_hash_max_bytes)
-    key_src = json.dumps([mode, CONVERTER_VERSION, options, inputs], sort_keys=True).encode()
-    cache_key = hashlib.sha256(key_src).hexdigest()
-    record_path = dst_path / RECORD_NAME
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("cache_key") == cache_key:
-            return ConversionResult(mode, str(src_path), str(dst_path), cache_key, True,
-                                    int(record["num_tensors"]), time.monotonic() - start)
+    key = conversion_key(mode=mode, src=src_path, group_size=group_size, ignore=ignore,
+                         full_hash_max_bytes=full_hash_max_bytes)
+    cached = lookup_conversion(key, src=src_path, dst=dst_path, start=start)
+    if cached is not None:
+        return cached
+    cache_key, options, inputs = key.cache_key, key.options, key.inputs
     tmp = dst_path.parent / f".{dst_path.name}.partial"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

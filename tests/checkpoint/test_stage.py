@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kimi_core.checkpoint.cache import CONVERTER_VERSION, file_digest
 from kimi_core.checkpoint.int4 import fake_quantize_int4
-from kimi_core.checkpoint.stage import CONVERTER_VERSION, convert_stage, file_digest
+from kimi_core.checkpoint.stage import convert_stage
 from tests.checkpoint.helpers import bitwise_equal, load_dir
 
 
