@@ -6,9 +6,9 @@ from prefect import flow
 
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import SessionLost
-from kimi_core.runtime.flow_steps import RunSummary, SessionHandle, rollout_steps
+from kimi_core.runtime.flow_steps import SessionHandle, rollout_steps
 from kimi_core.runtime.progress import console
-from kimi_core.runtime.status import completed_run, preflight
+from kimi_core.runtime.status import RunSummary, completed_run, preflight
 from tasks.stages import acquire_model, convert_checkpoint, prepare_data
 from tasks.training import abort, bring_up_cluster, evaluate, finish, open_session, train_rollout
 

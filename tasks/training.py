@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime import flow_steps
 from kimi_core.runtime.context import RunContext
-from kimi_core.runtime.flow_steps import ClusterInfo, RunSummary, SessionHandle
+from kimi_core.runtime.flow_steps import ClusterInfo, SessionHandle
+from kimi_core.runtime.status import RunSummary
 from tasks.retry import transient_only
 
 

@@ -70,3 +70,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET):
         return True
     return isinstance(exc, _transient_types())
+
+
+class NotRunnableHere(PermanentFailure):
+    """The recipe is valid, but this install cannot run it (no engine or executor for it): reported
+    before any job is submitted."""

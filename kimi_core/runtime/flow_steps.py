@@ -31,6 +31,7 @@ from kimi_core.runtime.ray_local import (
     worker_port_range,
 )
 from kimi_core.runtime.recording import RunRecorder
+from kimi_core.runtime.status import RunSummary
 from kimi_core.runtime.session import ActorSession, attach_actor, connect, engine_threads, lookup_actor
 
 NAMESPACE = "kimi-grpo"
@@ -55,18 +56,6 @@ class SessionHandle:
     pending_evals: tuple[int, ...]
     mlflow_run_id: str
     reattached: bool
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """How the run stands when the flow returns."""
-
-    run_name: str
-    latest_checkpoint: int | None
-    complete: bool
-    mlflow_run_id: str | None
-    tracking_uri: str | None
-    skipped: bool = False
 
 
 # ---- cluster ---------------------------------------------------------------------------------

@@ -1,22 +1,46 @@
-"""Read-only views of a run: validation before anything runs, completion, and `kimi-grpo status`."""
+"""Read-only views of a run: the checks before anything runs, completion, and `kimi-grpo status`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from kimi_core.runtime.context import RunContext
+from kimi_core.engines import engine_unavailable
 from kimi_core.recipe import RunPlan, plan_run
-from kimi_core.run_state import Manifest, RunPaths, checkpoint_dir, latest_checkpoint
+from kimi_core.run_state import RunPaths, checkpoint_dir, latest_checkpoint
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.failures import NotRunnableHere
+from kimi_core.runtime.manifest import Manifest
 
 
-def validate(ctx: RunContext) -> RunPlan:
-    """Load and check the recipe (raises `RecipeError`); return its plan."""
+@dataclass(frozen=True)
+class RunSummary:
+    """How the run stands when the flow returns."""
+
+    run_name: str
+    latest_checkpoint: int | None
+    complete: bool
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    skipped: bool = False
+
+
+def preflight(ctx: RunContext) -> RunPlan:
+    """Load and check the recipe (raises `RecipeError`), then check that this install can run it
+    (raises `NotRunnableHere`) — before any job is submitted. Returns the plan."""
     recipe = ctx.recipe()
     ctx.paths(recipe)
+    if recipe.cluster.executor != "local":
+        raise NotRunnableHere(
+            f"cluster.executor={recipe.cluster.executor!r}: the flow brings Ray up on loopback only (Ray-on-Slurm "
+            "inside the flow is not implemented yet); on a Slurm cluster use `kimi-grpo sbatch`")
+    missing = engine_unavailable(recipe)
+    if missing is not None:
+        raise NotRunnableHere(missing)
     return plan_run(recipe)
 
 
-def completed_run(ctx: RunContext) -> dict[str, Any] | None:
+def completed_run(ctx: RunContext) -> RunSummary | None:
     """A summary when the run already reached its last rollout (so re-running does no work), else None."""
     recipe = ctx.recipe()
     paths = ctx.paths(recipe)
@@ -24,11 +48,11 @@ def completed_run(ctx: RunContext) -> dict[str, Any] | None:
         return None
     manifest = Manifest.load(paths)
     latest = latest_checkpoint(paths)
-    if not manifest.finished or latest != recipe.rollout.num_rollout - 1:
+    if not manifest.finished or latest is None or latest != recipe.rollout.num_rollout - 1:
         return None
     print(f"run {paths.run_name!r} is complete: {latest + 1} rollouts, latest checkpoint {checkpoint_dir(paths, latest)}")
-    return {"run_name": paths.run_name, "latest_checkpoint": latest, "complete": True,
-            "mlflow_run_id": manifest.mlflow_run_id, "tracking_uri": manifest.mlflow_tracking_uri, "skipped": True}
+    return RunSummary(run_name=paths.run_name, latest_checkpoint=latest, complete=True,
+                      mlflow_run_id=manifest.mlflow_run_id, tracking_uri=manifest.mlflow_tracking_uri, skipped=True)
 
 
 def run_status(paths: RunPaths) -> dict[str, Any]:
@@ -39,7 +63,8 @@ def run_status(paths: RunPaths) -> dict[str, Any]:
         "run_name": paths.run_name,
         "run_dir": str(paths.run_dir),
         "finished": manifest.finished,
-        "stages": {name: {"status": r.status, "finished_at": r.finished_at} for name, r in manifest.stages.items()},
+        "stages": {name: {"status": r.status + (" (inputs unchanged)" if r.cached else ""), "finished_at": r.finished_at}
+                   for name, r in manifest.stages.items()},
         "latest_checkpoint": latest,
         "latest_checkpoint_dir": None if latest is None else str(checkpoint_dir(paths, latest)),
         "attempts": len(manifest.resume_history),
