@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlparse
 from rich.console import Console
 from rich.table import Table
 
+from kimi_core.exit_codes import INVALID_INPUT, RUN_FAILED
 from kimi_core.recipe import BASE_DIR_ENV, Recipe, RecipeError, RunPlan, load_recipe, plan_run, recipe_to_dict, resolve_path
 
 console = Console()
@@ -204,7 +205,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         job_id = sbatch_script(path, cwd=Path.cwd())
     except (RuntimeError, OSError) as err:
         err_console.print(f"[red]sbatch failed[/red]: {err}", highlight=False, soft_wrap=True)
-        return 1
+        return RUN_FAILED
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     console.print(f"submitted job {job_id}", highlight=False)
     return 0
@@ -216,8 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    from flows.pipeline import kimi_k25_grpo
-    from kimi_core.runtime.failures import PermanentFailure
+    from flows.pipeline import kimi_k25_grpo  # noqa: PLC0415 - Prefect only for `run`
+    from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
 
     console.print(f"run [bold]{args.run_name or recipe.name}[/bold] of {args.recipe} "
                   f"(Prefect: {os.environ.get('PREFECT_API_URL') or 'ephemeral'})")
@@ -226,14 +227,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 overrides=args.overrides, base_dir=args.base_dir, num_rollout=args.num_rollout)
     except RecipeError:
         raise
-    except (PermanentFailure, Exception) as exc:  # noqa: BLE001 - the CLI reports any failure
+    except NotRunnableHere as exc:
+        err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        return INVALID_INPUT
+    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure in one line
         err_console.print(f"[red]run failed[/red]: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
-        return 1
-    if summary.get("skipped"):
-        console.print(f"run {summary['run_name']!r} is already complete; nothing to do")
+        return RUN_FAILED
+    if summary.skipped:
+        console.print(f"run {summary.run_name!r} is already complete; nothing to do")
     else:
-        console.print(f"run {summary['run_name']!r} finished at rollout {summary['latest_checkpoint']}")
-    console.print(f"MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']}")
+        console.print(f"run {summary.run_name!r} finished at rollout {summary.latest_checkpoint}")
+    console.print(f"MLflow run {summary.mlflow_run_id} at {summary.tracking_uri}")
     return 0
 
 
@@ -245,7 +249,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     paths = RunPaths.of(base_dir, args.name)
     if not paths.manifest.is_file():
         err_console.print(f"[red]error[/red]: no run {args.name!r} under {paths.base_dir}", highlight=False)
-        return 2
+        return INVALID_INPUT
     status = run_status(paths)
     table = Table(title=f"run {args.name}")
     table.add_column("field", style="cyan")
@@ -305,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RecipeError as err:
         err_console.print(f"[red]error[/red]: {err}", highlight=False, soft_wrap=True)
-        return 2
+        return INVALID_INPUT
 
 
 if __name__ == "__main__":

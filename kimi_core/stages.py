@@ -1,7 +1,10 @@
-"""The job-shaped stages: prepare data, acquire the model, convert checkpoints (DESIGN §3).
+"""The job-shaped stages: prepare data, acquire the model, convert checkpoints (docs/design.md §3).
 
-Each returns a small JSON-able dict (paths, counts, hashes) and is safe to run again: its work is
-cached by content, so a second run with the same inputs returns at once.
+Each returns a small JSON-able dict (paths, counts, hashes, and `cached`) and is safe to run again:
+it checks the content of its inputs against its earlier output (source bytes, checkpoint shards)
+and returns at once with `cached: true` when nothing changed. This module imports neither torch
+nor megatron (torch only when a base model is built or a conversion has work to do), so a stage
+job whose output is current finishes in about a second.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from kimi_core.data import PREP_VERSION, prepare_dataset
-from kimi_core.runtime.context import RunContext
+from kimi_core.checkpoint.cache import Mode, cached_conversion
 from kimi_core.checkpoint.hf import verify_hf_checkpoint
 from kimi_core.recipe import Recipe, resolve_path
-from kimi_core.run_state import RunPaths, write_text_atomic
+from kimi_core.run_state import TRACKER_FILENAME, RunPaths, write_text_atomic
 from kimi_core.tokenizer import KimiByteTokenizer
 
 BUILD_PREFIX = "build:"
@@ -42,6 +45,7 @@ def prepare_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     evals = {ds.name: prepare_dataset(resolve_path(recipe, ds.path), name=f"eval-{ds.name}", **common)
              for ds in recipe.eval.datasets}
     return {
+        "cached": train.cached and all(r.cached for r in evals.values()),
         "prep_version": PREP_VERSION,
         "train": {"path": str(train.path), "rows": train.rows_out, "sha256": train.output_sha256,
                   "cached": train.cached, "errors": train.errors, "duplicates": train.duplicates},
@@ -62,7 +66,8 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     source = recipe.checkpoint.hf_checkpoint
     if not source.startswith(BUILD_PREFIX):
         info = verify_hf_checkpoint(_local(resolve_path(recipe, source)))
-        return {"hf_checkpoint": info.path, "num_tensors": info.num_tensors, "bytes": info.total_bytes, "built": False}
+        return {"hf_checkpoint": info.path, "num_tensors": info.num_tensors, "bytes": info.total_bytes, "built": False,
+                "cached": False}
     if source != "build:tiny":
         raise ValueError(f"checkpoint.hf_checkpoint = {source!r}: the only build target is 'build:tiny'")
     assert recipe.model.warmup is not None  # checked by the recipe rules
@@ -70,7 +75,7 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     marker = target / "warmup.json"
     if marker.is_file():
         info = verify_hf_checkpoint(target)
-        return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False,
+        return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False, "cached": True,
                 **json.loads(marker.read_text())}
     from kimi_core.model.warmup import build_base_model  # torch: only when the model is built
 
@@ -84,7 +89,7 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     info = verify_hf_checkpoint(target)
-    return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": True, **stats}
+    return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": True, "cached": False, **stats}
 
 
 def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -> dict[str, Any]:
@@ -96,38 +101,26 @@ def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -
     """
     ref = recipe.checkpoint.ref_load
     if ref is None:
-        return {"conversions": [], "reason": "checkpoint.ref_load is not set: nothing to convert"}
-    from kimi_core.checkpoint.stage import convert_stage  # torch and megatron: only when there is work
+        return {"conversions": [], "cached": True, "reason": "checkpoint.ref_load is not set: nothing to convert"}
     dst = _local(resolve_path(recipe, ref))
     if dst.rstrip("/").endswith("torch_dist"):
         if recipe.checkpoint.actor_format in ("fp8", "int4"):
-            if Path(dst, "latest_checkpointed_iteration.txt").is_file():
-                return {"conversions": [], "ref_load": dst, "reason": "torch_dist reference already present"}
+            if Path(dst, TRACKER_FILENAME).is_file():
+                return {"conversions": [], "ref_load": dst, "cached": True,
+                        "reason": "torch_dist reference already present"}
             raise NotImplementedError(
                 f"converting a {recipe.checkpoint.actor_format} HF checkpoint to torch_dist needs its BF16 copy first; "
                 f"provide {dst} (e.g. with miles' tools/convert_hf_to_torch_dist.py from a BF16 checkpoint)"
             )
-        result = convert_stage(mode="hf_to_torch_dist", src=hf_checkpoint, dst=dst)
+        mode: Mode = "hf_to_torch_dist"
     elif recipe.checkpoint.actor_format == "int4":
-        result = convert_stage(mode="int4_to_bf16", src=hf_checkpoint, dst=dst)
+        mode = "int4_to_bf16"
     else:
         verify_hf_checkpoint(dst)
-        return {"conversions": [], "ref_load": dst, "reason": "HF reference present and verified"}
-    return {"conversions": [asdict(result)], "ref_load": dst}
+        return {"conversions": [], "ref_load": dst, "cached": False, "reason": "HF reference present and verified"}
+    result = cached_conversion(mode=mode, src=hf_checkpoint, dst=dst)  # torch-free: the content check only
+    if result is None:
+        from kimi_core.checkpoint.stage import convert_stage  # noqa: PLC0415 - torch and megatron: only when there is work
 
-
-# ---- job payloads: what a stage job runs. This module imports neither torch nor MLflow (torch only
-# when a base model is built), so a job process starts in about a second.
-def prepare_data_job(ctx: RunContext) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return prepare_data(recipe, ctx.paths(recipe))
-
-
-def acquire_model_job(ctx: RunContext) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return acquire_model(recipe, ctx.paths(recipe))
-
-
-def convert_checkpoint_job(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)
+        result = convert_stage(mode=mode, src=hf_checkpoint, dst=dst)
+    return {"conversions": [asdict(result)], "ref_load": dst, "cached": result.cached}

@@ -1,11 +1,13 @@
 """The pipeline inside one allocation, without a Prefect server (the sbatch fallback).
 
-Runs the same stages as the flow, in order, in this process: the engine session lives here too.
-SIGUSR1 or SIGTERM (the time-limit signal, a preemption, `scontrol requeue`) asks the engine to
-save at the next rollout boundary; the process then exits with `REQUEUE_EXIT` so the batch
-script requeues the job, and the requeued job resumes from that checkpoint.
+Runs the same stages as the flow, in order, in this process, then the one rollout loop with the
+engine session in this process too. SIGUSR1 or SIGTERM (the time-limit signal, a preemption,
+`scontrol requeue`) — at any moment, during the stages as well — is a stop request: the loop saves
+at the next rollout boundary (or starts no rollout at all when nothing is unsaved), and the
+process exits with `REQUEUE_EXIT` so the batch script requeues the job, which resumes from that
+checkpoint.
 
-    python -m kimi_core.runtime.fallback RECIPE [--run-name N] [--base-dir D] [--cluster P] [--set k=v ...]
+    python -m kimi_core.runtime.fallback RECIPE [--run-name N] [--base-dir D] [--cluster P] [--num-rollout N] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -14,94 +16,73 @@ import argparse
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
-from kimi_core.engines.base import EngineInputs
 from kimi_core import stages
-from kimi_core.runtime.context import RunContext
-from kimi_core.runtime.ledger import Progress, RunDriver, console
-from kimi_core.runtime.jobs import convert_key, data_key, model_key
-from kimi_core.runtime.status import completed_run
+from kimi_core.engines.base import EngineInputs
+from kimi_core.exit_codes import INVALID_INPUT, REQUEUE_EXIT
 from kimi_core.recipe import RecipeError
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.jobs import stage_key
+from kimi_core.runtime.ledger import RunLedger
+from kimi_core.runtime.loop import RolloutLoop, StopRequest
+from kimi_core.runtime.progress import Progress, console
+from kimi_core.runtime.recording import RunRecorder
 from kimi_core.runtime.session import EngineSession, engine_threads
-
-REQUEUE_EXIT = 3
-
-
-class _Stop:
-    """Set by the signal handlers; read at rollout boundaries."""
-
-    requested = False
-    session: EngineSession | None = None
-
-    @classmethod
-    def handler(cls, signum: int, frame: FrameType | None) -> None:
-        cls.requested = True
-        console.print(f"signal {signal.Signals(signum).name}: saving at the next rollout boundary")
-        if cls.session is not None:
-            cls.session.request_save()
+from kimi_core.runtime.status import completed_run
 
 
-def _stages(driver: RunDriver) -> tuple[dict[str, Any], dict[str, Any]]:
-    recipe, paths = driver.recipe, driver.paths
-    data = driver.stage("prepare_data", lambda: stages.prepare_data(recipe, paths), key=data_key(recipe))
-    model = driver.stage("acquire_model", lambda: stages.acquire_model(recipe, paths), key=model_key(recipe))
-    driver.stage("convert_checkpoint",
+def _stages(ledger: RunLedger) -> tuple[dict[str, Any], dict[str, Any]]:
+    recipe, paths = ledger.recipe, ledger.paths
+    data = ledger.stage("prepare_data", lambda: stages.prepare_data(recipe, paths), key=stage_key("prepare_data", recipe))
+    model = ledger.stage("acquire_model", lambda: stages.acquire_model(recipe, paths),
+                         key=stage_key("acquire_model", recipe))
+    ledger.stage("convert_checkpoint",
                  lambda: stages.convert_checkpoint(recipe, paths, hf_checkpoint=model["hf_checkpoint"]),
-                 key=convert_key(recipe, model))
+                 key=stage_key("convert_checkpoint", recipe))
     return data, model
 
 
-def run_in_allocation(ctx: RunContext) -> int:
+def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     """All stages and rollouts of the run; returns the process exit code."""
     if completed_run(ctx) is not None:
         return 0
-    driver = RunDriver(ctx)
-    data, model = _stages(driver)
-    start = driver.start_rollout_id()
-    attempt = driver.manifest.begin_attempt(reason="sbatch" if start == 0 else "resume", start_rollout_id=start)
+    ledger = RunLedger(ctx)
+    data, model = _stages(ledger)
+    if stop.requested:  # before any engine exists: nothing is unsaved, so no rollout starts
+        console.print(f"stop requested ({stop.reason}) before training; exiting for requeue", markup=False)
+        return REQUEUE_EXIT
+    first = ledger.start_rollout_id()
+    attempt = ledger.manifest.begin_attempt(reason="sbatch" if first == 0 else "resume", start_rollout_id=first)
     if os.environ.get("SLURM_JOB_ID"):
-        driver.manifest.add_slurm_job_id(os.environ["SLURM_JOB_ID"])
-    driver.open_tracking(attempt=attempt, engine="local")
+        ledger.manifest.add_slurm_job_id(os.environ["SLURM_JOB_ID"])
+    tracker = ledger.open_tracking(attempt=attempt, engine="local")
     inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},
                           initial_checkpoint=model["hf_checkpoint"])
     session = EngineSession(ctx, inputs, num_threads=engine_threads())
-    _Stop.session = session
     start = session.start()
-    driver.manifest.set_start_rollout(start)
-    books = driver.resume_bookkeeping(start)
-    logged = books["rollouts"]
-    progress = Progress(start=start, end=driver.recipe.rollout.num_rollout)
-    for rollout_id in books["pending_evals"]:
-        progress.eval(rollout_id, _evaluate(driver, session, rollout_id))
-    for rollout_id in range(start, driver.recipe.rollout.num_rollout):
-        started = time.perf_counter()
-        result = session.train_rollout(rollout_id)
-        driver.record_rollout(rollout_id, result, step_time=time.perf_counter() - started,
-                              skip_metrics=rollout_id in logged)
-        progress.rollout(rollout_id, result["metrics"])
-        if driver.plan.is_eval_due(rollout_id):
-            progress.eval(rollout_id, _evaluate(driver, session, rollout_id))
-        if _Stop.requested and result["checkpoint"] and rollout_id < driver.recipe.rollout.num_rollout - 1:
-            console.print(f"saved rollout {rollout_id}; exiting for requeue")
-            driver.tracker.log_curves_png()
-            driver.tracker.close("KILLED")
-            return REQUEUE_EXIT
-    driver.tracker.log_curves_png()
-    driver.tracker.close("FINISHED")
-    driver.manifest.update(finished=True)
-    console.print(f"run {driver.paths.run_name!r} complete")
+    ledger.manifest.set_start_rollout(start)
+    logged_evals = ledger.logged_eval_steps()
+    loop = RolloutLoop(
+        session=session, plan=ledger.plan, start=start, stop=stop,
+        recorder=RunRecorder(tracker, Progress(start=start, end=ledger.plan.num_rollout)),
+        pending_evals=RolloutLoop.evals_owed(ledger.plan, start=start, logged_evals=logged_evals),
+        logged_rollouts=ledger.logged_rollouts(start), logged_evals=logged_evals,
+        failures=lambda stage, rollout_id, error: ledger.manifest.record_failure(
+            stage=stage, rollout_id=rollout_id, error=error),
+    )
+    outcome = loop.run()
+    tracker.log_curves_png()
+    if not outcome.finished:
+        console.print(f"stopped ({stop.reason}) after rollout {outcome.last_rollout}, saved; exiting for requeue",
+                      markup=False)
+        tracker.close("KILLED")
+        return REQUEUE_EXIT
+    tracker.close("FINISHED")
+    ledger.manifest.update(finished=True)
+    console.print(f"run {ledger.paths.run_name!r} complete", markup=False)
     return 0
-
-
-def _evaluate(driver: RunDriver, session: EngineSession, rollout_id: int) -> dict[str, float]:
-    result = session.evaluate(rollout_id)
-    already = rollout_id in driver.logged_eval_steps()
-    driver.record_eval(rollout_id, result, skip_metrics=already)
-    return result["metrics"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,15 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-rollout", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, _Stop.handler)
+    stop = StopRequest()
+    stop.install((signal.SIGUSR1, signal.SIGTERM), announce=lambda line: console.print(line, markup=False))
     ctx = RunContext(recipe_path=args.recipe, run_name=args.run_name, cluster=args.cluster,
                      overrides=tuple(args.overrides), base_dir=args.base_dir, num_rollout=args.num_rollout)
     try:
-        return run_in_allocation(ctx)
+        return run_in_allocation(ctx, stop)
     except RecipeError as err:
         console.print(f"[red]error[/red]: {err}", highlight=False, soft_wrap=True)
-        return 2
+        return INVALID_INPUT
 
 
 if __name__ == "__main__":

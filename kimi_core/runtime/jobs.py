@@ -1,66 +1,66 @@
-"""Job-shaped stages (data prep, model acquisition, conversion) as submitit jobs.
+"""Job-shaped stages (data prep, model acquisition, conversion) as jobs of the recipe's executor.
 
-The local recipe uses submitit's local executor; a Slurm profile, its Slurm executor. The job id is
-recorded in the manifest before waiting, so a retried stage re-attaches to the running job
-instead of submitting it again.
+The caller hands in a `JobLauncher` (`slurm.executors.StageLauncher`: submitit's local executor for
+the local recipe, its Slurm executor for a Slurm profile), so this module never imports the
+scheduler package. The job id is recorded in the manifest before waiting, so a retried stage
+re-attaches to the running job instead of submitting it again.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from kimi_core.runtime.failures import PermanentFailure, is_transient, job_error_line
-from kimi_core import stages
-from kimi_core.runtime.context import RunContext
-from kimi_core.runtime.ledger import RunDriver, cache_key, file_identity
-from kimi_core.recipe import Recipe, resolve_path
 # At import, not in run_job: importing submitit reconfigures logging (dictConfig), which can deadlock
 # with the flow's log handler when it happens while stage tasks run concurrently.
+from submitit import Job
 from submitit.core.utils import FailedJobError
 
-from slurm.executors import make_executor, submit_or_reattach
-from slurm.from_recipe import stage_job_request
+from kimi_core import stages
+from kimi_core.recipe import Recipe
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.failures import PermanentFailure, is_transient, job_error_line
+from kimi_core.runtime.ledger import RunLedger, cache_key
 
-STAGE_VERSION = "1"
-#: Time limit of a stage job run by submitit's local executor (its own default is 2 minutes).
-LOCAL_JOB_TIMEOUT_MIN = 4 * 60
-#: Seconds between checks of a local stage job.
+STAGE_VERSION = "2"
+#: Seconds between checks of a job on this machine (submitit itself looks once a second).
 LOCAL_POLL_S = 0.1
 
 
-def data_key(recipe: Recipe) -> str:
-    sources = [recipe.data.prompt_data, *(d.path for d in recipe.eval.datasets)]
-    return cache_key(STAGE_VERSION, recipe.data.model_dump(), recipe.eval.model_dump(),
-                     [file_identity(resolve_path(recipe, s)) for s in sources])
+class JobLauncher(Protocol):
+    """Submits one stage's job, or re-attaches to an earlier attempt's job of it."""
+
+    #: Jobs go to Slurm: their ids are recorded in the run manifest (and MLflow's `slurm_job_ids`).
+    on_slurm: bool
+
+    def launch(self, stage: str, fn: Callable[..., dict[str, Any]], *args: Any,
+               reattach_to: str | None) -> Job[dict[str, Any]]: ...
 
 
-def model_key(recipe: Recipe) -> str:
-    return cache_key(STAGE_VERSION, recipe.checkpoint.hf_checkpoint, recipe.model.model_dump(),
-                     stages.WARMUP_VERSION,
-                     file_identity(resolve_path(recipe, recipe.checkpoint.hf_checkpoint)))
+def stage_key(name: str, recipe: Recipe) -> str:
+    """What identifies a stage's job across attempts (its inputs' content is checked by the stage)."""
+    sections = {"prepare_data": (recipe.data, recipe.eval), "acquire_model": (recipe.checkpoint, recipe.model),
+                "convert_checkpoint": (recipe.checkpoint,)}[name]
+    return cache_key(STAGE_VERSION, name, [s.model_dump() for s in sections])
 
 
-def run_job(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Submit `fn(*args)` with the recipe's executor, re-attaching to an earlier attempt's job of the
-    same stage and key instead of submitting again."""
-    recipe = driver.recipe
-    folder = driver.paths.logs / "jobs" / name
-    executor = make_executor(recipe.cluster.executor, folder,
-                             request=stage_job_request(recipe, name=f"{driver.paths.run_name}-{name}", output_dir=folder))
-    if recipe.cluster.executor == "local":
-        executor.update_parameters(timeout_min=LOCAL_JOB_TIMEOUT_MIN)
-    previous = driver.manifest.stages.get(name)
+def run_job(ledger: RunLedger, launcher: JobLauncher, name: str, fn: Callable[..., dict[str, Any]],
+            *args: Any) -> dict[str, Any]:
+    """Run `fn(*args)` as a job of stage `name`, re-attaching to an earlier attempt's job of the same
+    stage and key instead of submitting again; a job whose own code raised is a permanent failure
+    (named in one line) unless its error is worth a retry."""
+    key = stage_key(name, ledger.recipe)
+    previous = ledger.manifest.stages.get(name)
     job_id = None
     if previous is not None and previous.status == "submitted" and previous.cache_key == key:
         job_id = previous.result.get("job_id")
-    job = submit_or_reattach(executor, fn, *args, job_id=job_id, folder=folder)
-    driver.manifest.record_stage(name, cache_key=key, result={"job_id": str(job.job_id)}, status="submitted")
-    if recipe.cluster.executor == "slurm":
-        driver.manifest.add_slurm_job_id(str(job.job_id))
+    job = launcher.launch(name, fn, *args, reattach_to=job_id)
+    ledger.manifest.record_stage(name, cache_key=key, result={"job_id": str(job.job_id)}, status="submitted")
+    if launcher.on_slurm:
+        ledger.manifest.add_slurm_job_id(str(job.job_id))
     else:
-        while not job.done():  # submitit looks once a second; a local job is watched more closely
+        while not job.done():
             time.sleep(LOCAL_POLL_S)
     try:
         return job.result()
@@ -72,28 +72,39 @@ def run_job(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, 
                                f"(full log: {job.paths.stderr})") from None
 
 
-def convert_key(recipe: Recipe, model: dict[str, Any]) -> str:
-    return cache_key(STAGE_VERSION, model.get("hf_checkpoint"), model.get("num_tensors"), recipe.checkpoint.model_dump())
+def _stage(ctx: RunContext, launcher: JobLauncher, name: str, fn: Callable[..., dict[str, Any]],
+           *args: Any) -> dict[str, Any]:
+    ledger = RunLedger(ctx)
+    return ledger.stage(name, lambda: run_job(ledger, launcher, name, fn, *args), key=stage_key(name, ledger.recipe))
 
 
-def _staged(driver: RunDriver, name: str, key: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    return driver.stage(name, lambda: run_job(driver, name, key, fn, *args), key=key)
-
-
-def prepare_data(ctx: RunContext) -> dict[str, Any]:
+def prepare_data(ctx: RunContext, launcher: JobLauncher) -> dict[str, Any]:
     """Stage: validated, deduplicated training and eval data under the run directory."""
-    driver = RunDriver(ctx)
-    return _staged(driver, "prepare_data", data_key(driver.recipe), stages.prepare_data_job, ctx)
+    return _stage(ctx, launcher, "prepare_data", prepare_data_job, ctx)
 
 
-def acquire_model(ctx: RunContext) -> dict[str, Any]:
+def acquire_model(ctx: RunContext, launcher: JobLauncher) -> dict[str, Any]:
     """Stage: the verified (or, locally, built) HF checkpoint of the actor."""
-    driver = RunDriver(ctx)
-    return _staged(driver, "acquire_model", model_key(driver.recipe), stages.acquire_model_job, ctx)
+    return _stage(ctx, launcher, "acquire_model", acquire_model_job, ctx)
 
 
-def convert_checkpoint(ctx: RunContext, model: dict[str, Any]) -> dict[str, Any]:
+def convert_checkpoint(ctx: RunContext, launcher: JobLauncher, model: dict[str, Any]) -> dict[str, Any]:
     """Stage: the reference / initial weights in the format the trainer loads."""
-    driver = RunDriver(ctx)
-    return _staged(driver, "convert_checkpoint", convert_key(driver.recipe, model), stages.convert_checkpoint_job, ctx,
-                   model["hf_checkpoint"])
+    return _stage(ctx, launcher, "convert_checkpoint", convert_checkpoint_job, ctx, model["hf_checkpoint"])
+
+
+# ---- job payloads: what a stage job runs (`kimi_core.stages` imports torch only when there is work,
+# so a job whose output is current starts and ends in about a second).
+def prepare_data_job(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.prepare_data(recipe, ctx.paths(recipe))
+
+
+def acquire_model_job(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.acquire_model(recipe, ctx.paths(recipe))
+
+
+def convert_checkpoint_job(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)
