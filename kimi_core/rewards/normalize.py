@@ -196,7 +196,7 @@ def split_tuple(expr: str) -> list[str]:
 _COMMAND_TEXT = {
     "pi": "pi", "infty": "inf", "cup": "U", "cdot": "*", "times": "*", "le": "≤", "leq": "≤",
     "ge": "≥", "geq": "≥", "ne": "≠", "neq": "≠", "pm": "±", "mp": "∓", "circ": "∘", "cap": "∩",
-    "div": "÷", "dots": "…", "ldots": "…", "cdots": "⋯", "to": "→", "in": "∈",
+    "div": "÷", "emptyset": "∅", "varnothing": "∅", "dots": "…", "ldots": "…", "cdots": "⋯", "to": "→", "in": "∈",
     "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ϵ", "theta": "θ",
     "lambda": "λ", "mu": "μ", "sigma": "σ", "phi": "ϕ", "omega": "ω", "Delta": "Δ", "Omega": "Ω",
     "sin": "sin", "cos": "cos", "tan": "tan", "log": "log", "ln": "ln", "exp": "exp",
@@ -207,7 +207,7 @@ _DROPPED_WITH_ARGUMENT = ("mbox",)
 
 
 def latex_to_plain(s: str) -> str:
-    """One left-to-right pass: `\\frac{a}{b}` -> `a/b` (no parentheses), `\\sqrt[n]{x}` ->
+    """One left-to-right pass: `\\frac{a}{b}` -> ` a/b` (no parentheses), `\\sqrt[n]{x}` ->
     `sqrt(x)`, known symbols as in `_COMMAND_TEXT`, any other command dropped (its arguments kept)."""
     out: list[str] = []
     i, n = 0, len(s)
@@ -222,7 +222,7 @@ def latex_to_plain(s: str) -> str:
             if name == "frac":
                 num, i = _read_arg(s, i)
                 den, i = _read_arg(s, i)
-                out.append(f"{num}/{den}")
+                out.append(f" {num}/{den}")  # miles writes " \\frac": `1\\frac{1}{2}` is a mixed number
             elif name == "sqrt":
                 if i < n and s[i] == "[":
                     close = s.find("]", i)

@@ -98,3 +98,14 @@ def test_sets_are_not_compared_as_sets() -> None:
 def test_mixed_number() -> None:
     # _inject_implicit_mixed_number: "7 3/4" -> "7+3/4", then sympy equals 31/4.
     assert deepscaler_reward(T + r"\boxed{7 3/4}", r"\frac{31}{4}", timeout_s=10.0) == 1
+
+
+def test_integer_before_frac_is_a_mixed_number() -> None:
+    # _parse_latex writes " \\frac" before rendering, so "1\frac{1}{2}" reads "1 1/2" -> "1+1/2".
+    assert deepscaler_reward(T + r"\boxed{1\frac{1}{2}}", "1.5", timeout_s=10.0) == 1
+    assert deepscaler_reward(T + r"\boxed{1\frac{1}{2}}", r"\frac{3}{2}", timeout_s=10.0) == 1
+
+
+def test_empty_set_symbols() -> None:
+    # _parse_latex (pylatexenc) renders \varnothing and \emptyset as the same symbol.
+    assert deepscaler_reward(T + r"\boxed{\varnothing}", r"\emptyset") == 1
