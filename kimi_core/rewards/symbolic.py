@@ -174,6 +174,7 @@ class SymbolicChecker:
 
     def _ready_worker(self) -> _Worker:
         """The active worker, ready; a spare that died while idle is replaced (counted as a restart)."""
+        failure = ""
         for _ in range(3):
             if self._active is None:
                 self._active = self._spare or _Worker(self.command)
