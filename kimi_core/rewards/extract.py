@@ -1,59 +1,47 @@
-"""Answer extraction: the content of the last `\\boxed{...}` / `\\fbox{...}`, in linear time.
+"""Answer extraction with the semantics of miles' `math_utils.extract_answer` (miles@31f1ca961).
 
-Brace matching is a single forward scan with a depth counter (no regular expressions), so a
-megabyte of garbage or 100k nested braces costs one pass over the text.
+- `deepscaler_solution`: the text after the last `</think>`; without one, the text between the
+  first and the second `###Response` (all of it after the first when there is no second); with
+  neither marker, None (miles' `get_deepscaler_rule_based_reward`).
+- `last_boxed_content`: None unless the text contains `\\boxed`. The LAST `\\boxed` is the one
+  taken, even when a `\\fbox` comes later; `\\fbox` alone is never an answer. That `\\boxed` must be
+  followed directly by `{` (`\\boxed {5}` and `\\boxed 5` are no answer), and the brace must close
+  (a truncated box is no answer). The content is returned as written, not stripped.
+
+Brace matching is a forward scan (no regular expressions), so a megabyte of garbage or 100k nested
+braces costs one pass over the text.
 """
 
 from __future__ import annotations
 
 THINK_END = "</think>"
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+RESPONSE_MARKER = "###Response"
+_BOX_OPEN = "\\boxed{"
 
 
-def answer_region_after_think(response: str) -> str | None:
-    """The text after the last `</think>`, or None when the response never closes its thinking."""
+def deepscaler_solution(response: str) -> str | None:
+    """The part of `response` that deepscaler grades (see the module docstring), or None."""
     idx = response.rfind(THINK_END)
-    if idx < 0:
+    if idx >= 0:
+        return response[idx + len(THINK_END) :]
+    first = response.find(RESPONSE_MARKER)
+    if first < 0:
         return None
-    return response[idx + len(THINK_END) :]
+    start = first + len(RESPONSE_MARKER)
+    second = response.find(RESPONSE_MARKER, start)
+    return response[start:] if second < 0 else response[start:second]
 
 
 def last_boxed_content(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, stripped; None if absent.
-
-    Also accepts the brace-less form `\\boxed 42` (up to the next `$` or end of line). A last box
-    whose braces never close (a truncated response) yields None, as in the Hendrycks grader.
-    """
-    start, command = -1, ""
-    for candidate in _BOX_COMMANDS:
-        idx = text.rfind(candidate)
-        if idx > start:
-            start, command = idx, candidate
-    if start < 0:
+    """Content of the last `\\boxed{...}` in `text`, unstripped; None if there is none."""
+    start = text.rfind("\\boxed")
+    if start < 0 or not text.startswith(_BOX_OPEN, start):
         return None
-    pos = start + len(command)
-    n = len(text)
-    if pos < n and text[pos] == " " and text[pos:].lstrip(" ")[:1] not in ("{", ""):
-        return _braceless_content(text, pos)
-    while pos < n and text[pos] == " ":
-        pos += 1
-    if pos >= n or text[pos] != "{":
-        return None
-    end = matching_brace(text, pos)
+    open_pos = start + len(_BOX_OPEN) - 1
+    end = matching_brace(text, open_pos)
     if end is None:
         return None
-    return text[pos + 1 : end].strip()
-
-
-def _braceless_content(text: str, pos: int) -> str | None:
-    """`\\boxed 42$` form: everything up to `$` or a newline."""
-    stop = len(text)
-    for sep in ("$", "\n"):
-        idx = text.find(sep, pos)
-        if 0 <= idx < stop:
-            stop = idx
-    content = text[pos:stop].strip()
-    return content or None
+    return text[open_pos + 1 : end]
 
 
 def matching_brace(text: str, open_pos: int) -> int | None:

@@ -1,13 +1,11 @@
-"""Normalization and the fast grading rules, on hand examples."""
+"""The two normalizations and the fast grading rules, on hand examples (outputs as miles@31f1ca961)."""
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import pytest
 
-from kimi_core.rewards.grader import NEEDS_SYMBOLIC, clean_label, fast_grade, grade_answer
-from kimi_core.rewards.normalize import as_rational, hendrycks_normalize, plain_normalize, split_tuple
+from kimi_core.rewards.grader import fast_grade, grade_answer
+from kimi_core.rewards.normalize import mathd_normalize, split_tuple, str_is_int, sympy_normalize
 
 
 @pytest.mark.parametrize(
@@ -27,10 +25,13 @@ from kimi_core.rewards.normalize import as_rational, hendrycks_normalize, plain_
         (r"\$7", "7"),
         ("k = 3", "3"),
         (".25", "0.25"),
+        (r"\text{A}", "A"),
+        ("ab = 5", "ab=5"),  # "ab " has 3 characters: not a variable prefix
+        (r"5 \text{ cm} \text{ cm}", r"5 \text{ cm} \text{ cm}"),  # a failing step leaves it as it was
     ],
 )
-def test_hendrycks_normalize(raw: str, expected: str) -> None:
-    assert hendrycks_normalize(raw) == expected
+def test_mathd_normalize(raw: str, expected: str) -> None:
+    assert mathd_normalize(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -38,38 +39,37 @@ def test_hendrycks_normalize(raw: str, expected: str) -> None:
     [
         (r"\frac{1}{2}", "1/2"),
         (r"\frac{-1}{2}", "-1/2"),
-        (r"\frac{\sqrt{3}}{2}", "(sqrt(3))/2"),
-        (r"\frac{a}{b+1}", "a/(b+1)"),
-        (r"\sqrt[3]{2}", "(2)^(1/3)"),
+        (r"\frac{\sqrt{3}}{2}", "sqrt(3)/2"),
+        (r"\frac{a}{b+1}", "a/b+1"),  # pylatexenc writes no parentheses
+        (r"\sqrt[3]{2}", "sqrt(2)"),
         ("5.0", "5"),
         ("1,000,000", "1000000"),
         (r"\text{Yes}", "yes"),
         (r"3 \text{ meters}", "3"),
         ("2^{10}", "2^10"),
         ("7 3/4", "7+3/4"),
+        ("Monday", "mon"),
+        (r"\left( 3, \frac{\pi}{2} \right)", "(3,pi/2)"),
     ],
 )
-def test_plain_normalize(raw: str, expected: str) -> None:
-    assert plain_normalize(raw) == expected
+def test_sympy_normalize(raw: str, expected: str) -> None:
+    assert sympy_normalize(raw) == expected
 
 
-def test_split_tuple_and_rationals() -> None:
+def test_split_tuple_and_ints() -> None:
     assert split_tuple("(1,2)") == ["1", "2"]
     assert split_tuple("[0,1)") == ["0", "1"]
     assert split_tuple("(1)/(2)") == ["(1)/(2)"]
     assert split_tuple("") == []
-    assert as_rational("-0.25") == Fraction(-1, 4)
-    assert as_rational("3/6") == Fraction(1, 2)
-    assert as_rational("sqrt(2)") is None
+    assert str_is_int("1,000") and str_is_int("5.0") and not str_is_int("0.5")
 
 
 def test_fast_grade_verdicts() -> None:
     assert fast_grade("0.5", r"\frac{1}{2}") is True
     assert fast_grade("6", "5") is False
     assert fast_grade(None, "5") is False
-    assert fast_grade("5", "") is False
-    assert fast_grade(r"\sqrt{8}", r"2\sqrt{2}") is NEEDS_SYMBOLIC
-    assert fast_grade("9^{9^{9}}", "x") is False  # too expensive to evaluate: wrong
+    assert fast_grade("5", None) is False
+    assert fast_grade(r"\sqrt{8}", r"2\sqrt{2}") == [("2sqrt(2)", "sqrt(8)")]
+    assert fast_grade("9^{9^{9}}", "x") is False  # `^{` is never evaluated
     assert fast_grade("1" * 2000, "1") is False  # over the size cap
-    assert grade_answer(r"\sqrt{8}", r"2\sqrt{2}") is True
-    assert clean_label(r" \boxed{\frac{1}{2}} ") == r"\frac{1}{2}"
+    assert grade_answer(r"\sqrt{8}", r"2\sqrt{2}", timeout_s=10.0) is True
