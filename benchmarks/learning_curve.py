@@ -1,17 +1,18 @@
 """Learning curve of the local recipe: GRPO from the warmed-up base model, no orchestration.
 
 Builds (or reuses) the recipe's base model (`model.warmup`), prepares the recipe's train and eval
-data, then runs `LocalEngine.train_rollout` for `rollout.num_rollout` rollouts (or `--rollouts`),
-evaluating on the held-out eval split before the first rollout, every `eval.interval` rollouts and
-after the last. Prints one table row per eval (rollout id, eval score = mean reward of the eval
+data, then runs the one rollout loop (`kimi_core.runtime.loop`) over a `LocalEngine` in this
+process for `rollout.num_rollout` rollouts (or `--rollouts`), with the recipe's schedule: eval on
+the held-out eval split before the first rollout and every `eval.interval` rollouts, saves every
+`checkpoint.save_interval`. Prints one table row per eval (rollout id, eval score = mean reward of the eval
 samples, mean training reward of the rollouts since the previous eval) and ends with
 
     RESULT base_eval=<x> final_eval=<y> rollouts=<n> wall_s=<s>
 
 `wall_s` is the time spent in GRPO rollouts (sampling + scoring + update) only: the warm-up and
 the evals are timed on their own lines. The base model is cached under `--workdir` keyed by the
-architecture and warm-up sections, so a second run skips the warm-up. `--time-budget` stops the
-loop (after an eval) once the GRPO time passes it.
+architecture and warm-up sections, so a second run skips the warm-up. `--time-budget` asks the
+loop to stop (after a save) once the GRPO time passes it.
 
     python benchmarks/learning_curve.py [--config configs/local.yaml] [--workdir DIR]
         [--rollouts N] [--time-budget S] [--threads 1] [--set key=value ...]
@@ -41,8 +42,10 @@ import torch  # noqa: E402
 from kimi_core.data import prepare_dataset  # noqa: E402
 from kimi_core.engines.local import EngineInputs, LocalEngine  # noqa: E402
 from kimi_core.model.warmup import build_base_model  # noqa: E402
-from kimi_core.recipe import Recipe, load_recipe  # noqa: E402
+from kimi_core.engines.base import EvalResult, RolloutResult  # noqa: E402
+from kimi_core.recipe import Recipe, load_recipe, plan_run  # noqa: E402
 from kimi_core.run_state import RunPaths  # noqa: E402
+from kimi_core.runtime.loop import RolloutLoop, StopRequest  # noqa: E402
 
 
 def base_model(recipe: Recipe, workdir: Path) -> tuple[Path, float, bool]:
@@ -79,34 +82,44 @@ def make_engine(recipe: Recipe, workdir: Path, base_dir: Path) -> tuple[LocalEng
     return engine, dataset.name
 
 
-def run_curve(recipe: Recipe, engine: LocalEngine, name: str, *, rollouts: int, budget_s: float) -> tuple[list[dict[str, float]], float, int]:
-    """Rollouts with periodic evals; returns (eval rows, GRPO seconds, rollouts done)."""
-    interval = recipe.eval.interval or rollouts
+class CurveRecorder:
+    """The loop's recorder here: one table row per eval (the eval score, the mean training reward of
+    the rollouts since the previous eval, GRPO seconds so far); stops the loop past the time budget."""
 
-    def eval_row(rollout_id: int, rewards: list[float]) -> dict[str, float]:
-        started = time.perf_counter()
-        score = engine.evaluate(max(rollout_id, 0))[f"eval/{name}"]
-        row = {"rollout": rollout_id, "eval": score, "reward": sum(rewards) / len(rewards) if rewards else float("nan"),
-               "grpo_s": grpo_s, "eval_s": time.perf_counter() - started}
-        print(f"{row['rollout']:>8d} {row['eval']:>8.3f} {row['reward']:>12.3f} {row['grpo_s']:>8.1f} {row['eval_s']:>7.1f}", flush=True)
-        return row
+    def __init__(self, name: str, stop: StopRequest, budget_s: float):
+        self.name, self.stop, self.budget_s = name, stop, budget_s
+        self.rows: list[dict[str, float]] = []
+        self.grpo_s, self.done, self.rewards = 0.0, 0, []  # type: ignore[var-annotated]
+        self.eval_started = time.perf_counter()
+        print(f"{'rollout':>8} {'eval':>8} {'mean_reward':>12} {'grpo_s':>8} {'eval_s':>7}")
 
-    grpo_s, rewards = 0.0, []
-    print(f"{'rollout':>8} {'eval':>8} {'mean_reward':>12} {'grpo_s':>8} {'eval_s':>7}")
-    rows = [eval_row(-1, [])]
-    done = 0
-    for rollout_id in range(rollouts):
-        started = time.perf_counter()
-        rewards.append(engine.train_rollout(rollout_id)["rollout/raw_reward"])
-        grpo_s += time.perf_counter() - started
-        done = rollout_id + 1
-        last = done == rollouts or grpo_s >= budget_s
-        if done % interval == 0 or last:
-            rows.append(eval_row(rollout_id, rewards))
-            rewards = []
-        if last:
-            break
-    return rows, grpo_s, done
+    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> None:
+        self.grpo_s += step_time
+        self.done = result.rollout_id + 1
+        self.rewards.append(result.metrics["rollout/raw_reward"])
+        if self.grpo_s >= self.budget_s:
+            self.stop.request("time budget")
+        self.eval_started = time.perf_counter()
+
+    def eval(self, result: EvalResult, *, log_metrics: bool) -> None:
+        rollout = result.rollout_id if self.done else -1  # -1: the eval before training
+        reward = sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
+        row = {"rollout": rollout, "eval": result.metrics[f"eval/{self.name}"], "reward": reward,
+               "grpo_s": self.grpo_s, "eval_s": time.perf_counter() - self.eval_started}
+        print(f"{row['rollout']:>8d} {row['eval']:>8.3f} {row['reward']:>12.3f} {row['grpo_s']:>8.1f} {row['eval_s']:>7.1f}",
+              flush=True)
+        self.rows.append(row)
+        self.rewards = []
+
+
+def run_curve(recipe: Recipe, engine: LocalEngine, name: str, *, budget_s: float) -> CurveRecorder:
+    """The one rollout loop over the engine: rollouts, saves and evals on the recipe's schedule."""
+    stop = StopRequest()
+    recorder = CurveRecorder(name, stop, budget_s)
+    plan = plan_run(recipe)
+    RolloutLoop(session=engine, plan=plan, recorder=recorder, start=0, stop=stop,
+                pending_evals=RolloutLoop.evals_owed(plan, start=0, logged_evals=set())).run()
+    return recorder
 
 
 def main() -> None:
@@ -119,14 +132,15 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.config, overrides=args.overrides)
+    overrides = [*args.overrides, *([f"rollout.num_rollout={args.rollouts}"] if args.rollouts else [])]
+    recipe = load_recipe(args.config, overrides=overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="learning-curve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base_dir, warmup_s, built = base_model(recipe, workdir)
     print(f"warm-up: {recipe.model.warmup.steps} steps, {warmup_s:.1f} s ({'built now' if built else 'cached'}) -> {base_dir}")
     engine, name = make_engine(recipe, workdir, base_dir)
-    rollouts = args.rollouts or recipe.rollout.num_rollout
-    rows, grpo_s, done = run_curve(recipe, engine, name, rollouts=rollouts, budget_s=args.time_budget)
+    curve = run_curve(recipe, engine, name, budget_s=args.time_budget)
+    rows, grpo_s, done = curve.rows, curve.grpo_s, curve.done
     print(f"per-rollout: {grpo_s / max(done, 1):.2f} s; evals: {sum(r['eval_s'] for r in rows):.1f} s in all")
     print(f"RESULT base_eval={rows[0]['eval']:.3f} final_eval={rows[-1]['eval']:.3f} rollouts={done} wall_s={grpo_s:.1f}")
 

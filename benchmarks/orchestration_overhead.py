@@ -6,9 +6,10 @@ the same checkpoint saves and the same evals, with the same torch thread count (
 * flow: `kimi-grpo run` in a subprocess (ephemeral Prefect unless `PREFECT_API_URL` is set; MLflow
   to the default sqlite file under the base dir): Prefect tasks per stage and per rollout, a local
   Ray head, the engine in a detached Ray actor, metrics logged to MLflow, the run manifest;
-* bare: `LocalEngine` in this process: `train_rollout`, `save` when the recipe's schedule says so
-  (with the same per-checkpoint metrics file the engine session writes), `evaluate` when due. It
-  runs once before and once after the flow (load on a shared machine drifts); `bare_s` is the mean.
+* bare: the same rollout loop (`kimi_core.runtime.loop`) over a `LocalEngine` in this process:
+  the same saves (inside the rollout, with the same per-checkpoint metrics file) and evals, with
+  nothing logged. It runs once before and once after the flow (load on a shared machine drifts);
+  `bare_s` is the mean.
 
 Overrides (printed at start; `--set` adds more, `--rollouts` sets the count, at least 20):
 
@@ -69,9 +70,12 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ["OMP_NUM_THREADS"] = "1"
 
 from kimi_core import stages  # noqa: E402
-from kimi_core.runtime.ledger import STEP_TIME_METRIC  # noqa: E402
+from kimi_core.engines.base import EvalResult, RolloutResult  # noqa: E402
 from kimi_core.recipe import Recipe, load_recipe, plan_run  # noqa: E402
-from kimi_core.run_state import Manifest, RunPaths  # noqa: E402
+from kimi_core.run_state import RunPaths  # noqa: E402
+from kimi_core.runtime.loop import RolloutLoop  # noqa: E402
+from kimi_core.runtime.manifest import Manifest  # noqa: E402
+from kimi_core.runtime.recording import STEP_TIME_METRIC  # noqa: E402
 from kimi_core.runtime.session import THREADS_ENV  # noqa: E402
 
 RECIPE = "configs/local.yaml"
@@ -173,7 +177,7 @@ def _flow_window(base_dir: Path, run_name: str) -> tuple[float, float, int, floa
     return points[0].timestamp / 1000 - points[0].value, points[-1].timestamp / 1000, len(points), engine_s
 
 
-_DONE_LINE = re.compile(r"^(?:stage (\w+): done|ray head at \S+: started|engine session \S+ at rollout \d+) in ([\d.]+) s")
+_DONE_LINE = re.compile(r"^(?:stage (\w+): (?:done|inputs unchanged, earlier output reused)|ray head at \S+: started|engine session \S+ at rollout \d+) in ([\d.]+) s")
 
 
 def _startup_breakdown(lines: list[tuple[float, str]], started: float, first_start: float) -> dict[str, float]:
@@ -218,9 +222,26 @@ def run_bare(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> 
         return pool.submit(_bare_loop, recipe, paths, data, model).result()
 
 
+class BareRecorder:
+    """The loop's recorder on the bare side: the timing window and the engine's own seconds."""
+
+    def __init__(self) -> None:
+        self.first_start = time.time()
+        self.last_end, self.engine_s, self.rollouts = self.first_start, 0.0, 0
+
+    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> None:
+        self.engine_s += sum(result.metrics[key] for key in ENGINE_METRICS)
+        self.rollouts += 1
+        self.last_end = time.time()
+
+    def eval(self, result: EvalResult, *, log_metrics: bool) -> None:
+        pass
+
+
 def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dict[str, Any]) -> Side:
+    """The one rollout loop (`kimi_core.runtime.loop`) over a `LocalEngine` in this process: the same
+    schedule of saves and evals as the flow, without Prefect, Ray, MLflow or the manifest."""
     from kimi_core.engines.local import EngineInputs, LocalEngine
-    from kimi_core.runtime.session import ROLLOUT_METRICS_FILE
 
     plan = plan_run(recipe)
     inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},
@@ -228,21 +249,12 @@ def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dic
     started = time.time()
     engine = LocalEngine(recipe, paths=paths, inputs=inputs)
     engine.start(None)
-    first_start = time.time()
-    unsaved: dict[int, dict[str, float]] = {}
-    last_end, engine_s = first_start, 0.0
-    for rollout_id in range(plan.num_rollout):
-        unsaved[rollout_id] = engine.train_rollout(rollout_id)
-        engine_s += sum(unsaved[rollout_id][key] for key in ENGINE_METRICS)
-        if plan.is_save_due(rollout_id):
-            extra = {ROLLOUT_METRICS_FILE: json.dumps({str(k): v for k, v in unsaved.items()}).encode()}
-            engine.save(rollout_id, extra_files=extra)
-            unsaved.clear()
-        last_end = time.time()
-        if plan.is_eval_due(rollout_id) and rollout_id < plan.num_rollout - 1:
-            engine.evaluate(rollout_id)
+    recorder = BareRecorder()
+    RolloutLoop(session=engine, plan=plan, recorder=recorder, start=0,
+                pending_evals=RolloutLoop.evals_owed(plan, start=0, logged_evals=set())).run()
     engine.close()
-    return Side(paths.run_name, plan.num_rollout, last_end - first_start, first_start - started, engine_s)
+    return Side(paths.run_name, recorder.rollouts, recorder.last_end - recorder.first_start,
+                recorder.first_start - started, recorder.engine_s)
 
 
 # ---- main -----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from kimi_core.engines.update import LossSpec, build_batch, train_steps
 from kimi_core.faults import fault_point
 from kimi_core.model.io import load_model, save_pretrained
 from kimi_core.recipe import Recipe, plan_run
-from kimi_core.rewards import score_batch
+from kimi_core.rewards import grader_restarts, grader_timeouts, score_batch
 from kimi_core.run_state import (
     RunPaths,
     begin_checkpoint,
@@ -218,6 +218,9 @@ class LocalEngine:
             "perf/rollout_time": rollout_time,
             "perf/train_time": train_time,
             "perf/tokens_per_s": stats.generated_tokens / max(rollout_time, 1e-9),
+            # running totals of this process: a crashed grader worker is visible, never silent zeros
+            "rollout/grader_restarts": float(grader_restarts()),
+            "rollout/grader_timeouts": float(grader_timeouts()),
         }
 
     def _score(self, responses: list[str], labels: list[str]) -> list[float]:

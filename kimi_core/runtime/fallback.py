@@ -75,7 +75,7 @@ def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     outcome = loop.run()
     tracker.log_curves_png()
     if not outcome.finished:
-        console.print(f"stopped ({stop.reason}) after rollout {outcome.last_rollout}, saved; exiting for requeue",
+        console.print(f"stop requested ({stop.reason}): saved rollout {outcome.last_rollout}; exiting for requeue",
                       markup=False)
         tracker.close("KILLED")
         return REQUEUE_EXIT

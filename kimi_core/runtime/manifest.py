@@ -172,13 +172,6 @@ class Manifest(BaseModel):
 
         self._mutate(change)
 
-    def stage_done(self, name: str, cache_key: str) -> Any | None:
-        """The stored result when `name` completed with this `cache_key`, else None."""
-        record = self.stages.get(name)
-        if record is None or record.status != "completed" or record.cache_key != cache_key:
-            return None
-        return record.result
-
     # ------------------------------------------------------------------ attempts
     def begin_attempt(self, *, reason: str, start_rollout_id: int | None = None) -> int:
         """Append an attempt (0 for a fresh run, +1 per resume) and return its number."""

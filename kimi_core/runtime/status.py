@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kimi_core.engines import engine_unavailable
-from kimi_core.recipe import RunPlan, plan_run
+from kimi_core.recipe import RecipeError, RunPlan, plan_run, recipe_hash
 from kimi_core.run_state import RunPaths, checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import NotRunnableHere
@@ -29,7 +29,12 @@ def preflight(ctx: RunContext) -> RunPlan:
     """Load and check the recipe (raises `RecipeError`), then check that this install can run it
     (raises `NotRunnableHere`) — before any job is submitted. Returns the plan."""
     recipe = ctx.recipe()
-    ctx.paths(recipe)
+    paths = ctx.paths(recipe)
+    if paths.manifest.is_file() and (started := Manifest.load(paths).recipe_hash) != recipe_hash(recipe):
+        raise RecipeError(ctx.recipe_path, [
+            f"run {paths.run_name!r} was started with another recipe (hash {started}, this one {recipe_hash(recipe)}): "
+            "resume it with the original recipe and overrides (only --num-rollout may change), or choose a new "
+            "--run-name"])
     if recipe.cluster.executor != "local":
         raise NotRunnableHere(
             f"cluster.executor={recipe.cluster.executor!r}: the flow brings Ray up on loopback only (Ray-on-Slurm "

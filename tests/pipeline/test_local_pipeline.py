@@ -28,6 +28,8 @@ from tests.pipeline.conftest import CLI, REPO, SMALL, cli_env, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FINAL = "checkpoints/iter_0000005/model/model.safetensors"
+#: The engine process dies (or, with KIMI_TEST_FAULT_MODE=pause, waits) halfway through writing checkpoint 3.
+FAULT_AT_SAVE_3 = {"KIMI_GRPO_FAULT_HOOK": "tests.faults:at_save", "KIMI_TEST_FAULT_AT_SAVE": "3"}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_run_logs_to_mlflow_server_and_rerun_does_no_work(prefect_server, mlflow
     client = MlflowClient(mlflow_server)
     run = client.get_run(manifest.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
-    assert run.data.params["rollout.num_rollout"] == "6"
+    assert run.data.tags["rollout.num_rollout"] == "6" and "rollout.num_rollout" not in run.data.params
     assert run.data.params["grpo.eps_clip_high"] == "0.28"
     assert run.data.tags["engine"] == "local" and run.data.tags["resume_count"] == "0"
     assert _steps(client, run.info.run_id, "rollout/raw_reward") == [0, 1, 2, 3, 4, 5]
@@ -159,7 +161,7 @@ def test_engine_killed_during_a_save_recovers_and_matches(prefect_server, refere
     """The engine process dies halfway through writing checkpoint 3: the half-written checkpoint
     never becomes the latest, the flow brings the session up again and resumes at 2."""
     faulty = run_cli(["run", "configs/local.yaml", "--run-name", "faulty", "--base-dir", str(base_dir), *SMALL],
-                     cli_env(prefect_server, KIMI_GRPO_FAULT_AT_SAVE="3"))
+                     cli_env(prefect_server, **FAULT_AT_SAVE_3))
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     assert "engine session lost" in faulty.stdout + faulty.stderr
     paths = RunPaths.of(base_dir, "faulty")
@@ -176,7 +178,7 @@ def test_whole_run_killed_during_a_save_resumes_and_matches(prefect_server, refe
     written: the same command continues at 2 and ends byte-identical to the uninterrupted run."""
     paths = RunPaths.of(base_dir, "crashed")
     args = ["run", "configs/local.yaml", "--run-name", "crashed", "--base-dir", str(base_dir), *SMALL]
-    env = cli_env(prefect_server, KIMI_GRPO_FAULT_AT_SAVE="3", KIMI_GRPO_FAULT_MODE="pause")
+    env = cli_env(prefect_server, **FAULT_AT_SAVE_3, KIMI_TEST_FAULT_MODE="pause")
     proc = subprocess.Popen([*CLI, *args], cwd=REPO, env=env, text=True, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -85,7 +85,7 @@ def test_h200_script_carries_the_recipe_and_profile() -> None:
 
 
 def test_requeue_exit_matches_the_driver() -> None:
-    from kimi_core.runtime.fallback import REQUEUE_EXIT
+    from kimi_core.exit_codes import REQUEUE_EXIT
 
     assert PIPELINE_REQUEUE_EXIT == REQUEUE_EXIT
 

@@ -60,8 +60,8 @@ def test_run_paths_layout(tmp_path: Path) -> None:
 
 def test_manifest_create_record_reload(paths: RunPaths) -> None:
     manifest = Manifest.load_or_create(paths, recipe_hash="h1")
-    assert manifest.stage_done("prepare_data", "k1") is None
-    manifest.record_stage("prepare_data", cache_key="k1", result={"rows": 17, "sha256": "ab"})
+    assert "prepare_data" not in manifest.stages
+    manifest.record_stage("prepare_data", cache_key="k1", result={"rows": 17, "sha256": "ab"}, cached=True)
     manifest.update(mlflow_run_id="r123", mlflow_tracking_uri="sqlite:////x/mlflow.db")
     assert manifest.begin_attempt(reason="fresh") == 0
     manifest.add_slurm_job_id("100")
@@ -69,8 +69,9 @@ def test_manifest_create_record_reload(paths: RunPaths) -> None:
     manifest.set_start_rollout(0)
 
     reloaded = Manifest.load_or_create(paths, recipe_hash="h1")
-    assert reloaded.stage_done("prepare_data", "k1") == {"rows": 17, "sha256": "ab"}
-    assert reloaded.stage_done("prepare_data", "other-key") is None
+    record = reloaded.stages["prepare_data"]
+    assert (record.status, record.cache_key, record.cached) == ("completed", "k1", True)
+    assert record.result == {"rows": 17, "sha256": "ab"}
     assert reloaded.mlflow_run_id == "r123"
     assert reloaded.begin_attempt(reason="resume after node failure") == 1
     reloaded.add_slurm_job_id("101")
@@ -82,12 +83,6 @@ def test_manifest_create_record_reload(paths: RunPaths) -> None:
     assert [a["start_rollout_id"] for a in on_disk["resume_history"]] == [0, 20]
     assert on_disk["resume_history"][1]["reason"] == "resume after node failure"
     assert Manifest.load(paths).slurm_job_ids == [["100"], ["101"]]
-
-
-def test_failed_stage_is_not_done(paths: RunPaths) -> None:
-    manifest = Manifest.load_or_create(paths, recipe_hash="h1")
-    manifest.record_stage("convert_checkpoint", cache_key="k", result=None, status="failed")
-    assert manifest.stage_done("convert_checkpoint", "k") is None
 
 
 def test_recipe_hash_mismatch(paths: RunPaths) -> None:
@@ -107,7 +102,7 @@ def test_two_handles_do_not_lose_updates(paths: RunPaths) -> None:
     first.record_stage("a", cache_key="1", result=1)
     second.record_stage("b", cache_key="2", result=2)
     merged = Manifest.load(paths)
-    assert merged.stage_done("a", "1") == 1 and merged.stage_done("b", "2") == 2
+    assert merged.stages["a"].result == 1 and merged.stages["b"].result == 2
 
 
 def test_manifest_update_rejects_unknown_field(paths: RunPaths) -> None:

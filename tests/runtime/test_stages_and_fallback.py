@@ -1,0 +1,86 @@
+"""Stage caches keyed by content, and a stop request that arrives before the engine exists.
+
+Both go through the sbatch fallback's in-process path (the same stage functions the flow's jobs
+run) on the local recipe made tiny, with real files: a JSONL source, the built base model, its
+megatron-core torch_dist conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kimi_core.exit_codes import REQUEUE_EXIT
+from kimi_core.run_state import latest_checkpoint
+from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.fallback import _stages, run_in_allocation
+from kimi_core.runtime.ledger import RunLedger
+from kimi_core.runtime.loop import StopRequest
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = [{"prompt": f"What is max({a}, {b})? Put the answer in \\boxed{{}}.", "label": str(max(a, b))}
+        for a, b in [(3, 7), (12, 5), (40, 41), (9, 9), (1, 2), (8, 3)]]
+
+
+def _ctx(base: Path, source: Path, run: str) -> RunContext:
+    tiny = ["model.warmup.steps=5", "model.warmup.batch_size=4", f"data.prompt_data={source}",
+            f'eval.datasets=[{{name: arith, path: "{source}"}}]', "rollout.rollout_batch_size=2",
+            "rollout.n_samples_per_prompt=2", "rollout.global_batch_size=4", "eval.n_samples_per_prompt=2"]
+    return RunContext(recipe_path=str(REPO / "configs/local.yaml"), run_name=run, base_dir=str(base),
+                      overrides=tuple(tiny), num_rollout=2)
+
+
+def _rewrite_in_place(path: Path, offset: int) -> None:
+    """Change one byte of `path`, keeping its size and its mtime."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def _cached(ledger: RunLedger) -> dict[str, bool]:
+    ledger.manifest = type(ledger.manifest).load(ledger.paths)
+    return {name: record.cached for name, record in ledger.manifest.stages.items()}
+
+
+@pytest.fixture()
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return path
+
+
+def test_a_stage_redoes_its_work_when_its_input_changes_in_place(tmp_path: Path, source: Path) -> None:
+    ledger = RunLedger(_ctx(tmp_path / "base", source, "content"))
+    _data, model = _stages(ledger)
+    assert _cached(ledger) == {"prepare_data": False, "acquire_model": False, "convert_checkpoint": False}
+    _stages(ledger)
+    assert _cached(ledger) == {"prepare_data": True, "acquire_model": True, "convert_checkpoint": True}
+
+    # same size, same mtime, other content: "12" -> "13" in the second row's label
+    text = source.read_text()
+    _rewrite_in_place(source, text.index('"label": "12"') + len('"label": "1'))
+    shard = next(Path(model["hf_checkpoint"]).glob("*.safetensors"))
+    _rewrite_in_place(shard, shard.stat().st_size - 3)  # a byte of the last tensor's data
+    data, _model = _stages(ledger)
+    assert _cached(ledger) == {"prepare_data": False, "acquire_model": True, "convert_checkpoint": False}
+    labels = [json.loads(line)["label"] for line in Path(data["train"]["path"]).read_text().splitlines()]
+    assert "13" in labels and "12" not in labels
+
+
+def test_a_stop_request_before_the_engine_exists_starts_no_rollout(tmp_path: Path, source: Path) -> None:
+    ctx = _ctx(tmp_path / "base", source, "early-stop")
+    stop = StopRequest()
+    stop.request("SIGUSR1")  # e.g. the deadline signal during data prep or conversion
+    assert run_in_allocation(ctx, stop) == REQUEUE_EXIT
+    ledger = RunLedger(ctx)
+    assert latest_checkpoint(ledger.paths) is None  # no rollout trained, nothing half-saved
+    assert not list(ledger.paths.checkpoints.iterdir()) or not any(
+        p.name.startswith("iter_") for p in ledger.paths.checkpoints.iterdir())
+    assert ledger.manifest.resume_history == [] and ledger.manifest.mlflow_run_id is None
+    assert {"prepare_data", "acquire_model", "convert_checkpoint"} <= set(ledger.manifest.stages)  # kept for the requeue
