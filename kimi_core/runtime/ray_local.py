@@ -4,6 +4,13 @@
 process of this head (GCS, raylet, workers, agents) descends from it. Stopping sends SIGTERM to
 that root (Ray drains and stops its children), then SIGKILLs whatever of the recorded tree or
 process group is left. Never `ray stop` or a kill by name: other Ray clusters may share the host.
+
+Because the head has its own session, a kill of the owner's process group does not reach it. With
+a lease (`lease_path=`), the root is instead the lease watchdog (`kimi_core.runtime.ray_lease`),
+which runs `ray start` as its child and ends the whole head once the owner stops touching the
+lease file (`LeaseKeeper`) for `lease_timeout_s` — so a head outlives a SIGKILLed owner by a
+bounded time, also when the kill lands during start-up. `on_spawn` hands the head to the caller
+right after spawning, before the (seconds long) wait for readiness, so it can be recorded first.
 """
 
 from __future__ import annotations
@@ -14,11 +21,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import psutil
+
+from kimi_core.runtime.ray_lease import watchdog_command
 
 _READY_LINE = "This command will now block forever"
 _PROBE = (
@@ -73,13 +85,20 @@ def ray_env() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RayHead:
-    """A running head: `address` is `127.0.0.1:PORT` (GCS); `pid` is the `ray start` root."""
+    """A running head: `address` is `127.0.0.1:PORT` (GCS); `pid` is the root of its processes.
+
+    The root is the `ray start` process, or, for a leased head (`lease_path` set), the lease
+    watchdog that runs `ray start` as its child. Serialised with `dataclasses.asdict` and rebuilt
+    with `RayHead(**d)`; fields added later have defaults so older records still load.
+    """
 
     address: str
     pid: int
     temp_dir: str
     log_path: str
     ports: dict[str, int] = field(default_factory=dict)
+    lease_path: str | None = None
+    lease_timeout_s: float | None = None
 
     def pids(self) -> list[int]:
         """Live pids of this head: the root, its descendants and its process group."""
@@ -87,9 +106,9 @@ class RayHead:
 
 
 def _head_processes(head: RayHead) -> set[int]:
-    """Live pids of `head`: the `ray start` root (checked by its command line, so a reused pid is
-    never touched), its descendants, and members of its process group (orphans keep the group;
-    Linux does not reuse a pid while a group of that id exists)."""
+    """Live pids of `head`: the root (`ray start` or the lease watchdog; checked by its command
+    line, so a reused pid is never touched), its descendants, and members of its process group
+    (orphans keep the group; Linux does not reuse a pid while a group of that id exists)."""
     pids: set[int] = set()
     try:
         root = psutil.Process(head.pid)
@@ -141,6 +160,82 @@ def _ray_command(
     ]
 
 
+def touch_lease(path: str | os.PathLike[str]) -> None:
+    """Create the lease file (and its directory) or set its mtime to now."""
+    lease = Path(path)
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    lease.touch()
+
+
+class LeaseKeeper:
+    """Keeps a lease fresh from the owner's process: a daemon thread touches it every `interval_s`.
+
+    `interval_s` defaults to `lease_timeout_s / 6`, so a few missed touches (a busy disk, a
+    stalled interpreter) do not expire the lease. The thread dies with the process, which is the
+    point: a SIGKILLed owner stops touching and the head ends itself. `start()` and `stop()` are
+    idempotent; `start()` touches once before it returns. Usable as a context manager.
+    """
+
+    def __init__(
+        self,
+        lease_path: str | os.PathLike[str],
+        *,
+        lease_timeout_s: float = 30.0,
+        interval_s: float | None = None,
+    ) -> None:
+        if lease_timeout_s <= 0:
+            raise ValueError(f"lease_timeout_s must be > 0, not {lease_timeout_s}")
+        self.lease_path = os.path.abspath(lease_path)
+        self.interval_s = lease_timeout_s / 6 if interval_s is None else interval_s
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, not {self.interval_s}")
+        self.last_error: OSError | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while the touching thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Self:
+        """Touch the lease now and keep touching it in the background (no-op when running)."""
+        with self._lock:
+            if self.running:
+                return self
+            touch_lease(self.lease_path)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name=f"lease-keeper {self.lease_path}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop touching (no-op when not running); the lease then expires after its timeout."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        if thread is not None:
+            thread.join()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval_s):
+            try:
+                touch_lease(self.lease_path)
+                self.last_error = None
+            except OSError as exc:  # keep trying: a transient error must not end the head
+                self.last_error = exc
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def start_local_ray_head(
     *,
     temp_dir: str,
@@ -151,11 +246,25 @@ def start_local_ray_head(
     max_worker_port: int,
     dashboard_port: int | None = None,
     timeout_s: float = 90.0,
+    lease_path: str | os.PathLike[str] | None = None,
+    lease_timeout_s: float = 30.0,
+    on_spawn: Callable[[RayHead], None] | None = None,
 ) -> RayHead:
     """Start a head on 127.0.0.1 and wait (bounded) until a driver can `ray.init` to it.
 
     `temp_dir` must be short (see `short_temp_dir`); worker ports `[min, max]` must not contain
-    the other ports. Raises RuntimeError with the log tail when Ray exits or is not ready in time.
+    the other ports. Raises RuntimeError with the log tail when Ray exits or is not ready in time
+    (the head is stopped first).
+
+    With `lease_path`, the lease file is created/touched before spawning and the head runs under
+    the lease watchdog: it ends itself (SIGTERM, then SIGKILL, of all its processes) once the
+    lease's mtime has not changed for `lease_timeout_s`. This function keeps the lease fresh
+    while it waits; from its return on, the caller must (a `LeaseKeeper` on the same path,
+    started before or right after this call).
+
+    `on_spawn(head)` is called right after the head's processes are spawned and before waiting
+    for readiness, so the caller can record the head (e.g. in the run manifest) before anything
+    slow happens. If it raises, the head is stopped and the error propagates.
     """
     if len(temp_dir) > 40:
         raise ValueError(f"temp_dir {temp_dir!r} is too long for Ray's Unix sockets (keep <= 40)")
@@ -182,18 +291,38 @@ def start_local_ray_head(
     # No drain on SIGTERM: a local head has no Serve replicas to migrate; stop promptly. Workers at
     # normal priority (Ray's default is nice 15): on a shared machine the engine actor is the work.
     env = {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_worker_niceness": "0"}
+    lease: str | None = None
+    keeper: LeaseKeeper | None = None
+    if lease_path is not None:
+        if lease_timeout_s <= 0:
+            raise ValueError(f"lease_timeout_s must be > 0, not {lease_timeout_s}")
+        lease = os.path.abspath(lease_path)
+        touch_lease(lease)
+        # the watchdog is the session leader; `ray start` runs as its child in the same group
+        # and writes to the same log (the watchdog's own lines are prefixed `[ray_lease PID]`)
+        command = watchdog_command(lease, lease_timeout_s, command)
+        keeper = LeaseKeeper(lease, lease_timeout_s=lease_timeout_s)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     head = RayHead(
-        address=f"127.0.0.1:{port}", pid=proc.pid, temp_dir=temp_dir, log_path=log_path, ports=ports
+        address=f"127.0.0.1:{port}", pid=proc.pid, temp_dir=temp_dir, log_path=log_path,
+        ports=ports, lease_path=lease,
+        lease_timeout_s=lease_timeout_s if lease is not None else None,
     )
     try:
+        if keeper is not None:
+            keeper.start()
+        if on_spawn is not None:
+            on_spawn(head)
         _wait_ready(head, proc, deadline=time.monotonic() + timeout_s)
     except BaseException:
         stop_local_ray_head(head)
         raise
+    finally:
+        if keeper is not None:
+            keeper.stop()
     return head
 
 
@@ -234,6 +363,10 @@ def _wait_ready(head: RayHead, proc: subprocess.Popen[bytes], *, deadline: float
 
 def stop_local_ray_head(head: RayHead, *, grace_s: float = 20.0) -> list[int]:
     """Stop `head` by pid: SIGTERM the root, wait up to `grace_s`, SIGKILL the rest.
+
+    For a leased head the root is the watchdog: it forwards the SIGTERM to `ray start` and
+    SIGKILLs what is left of its group after its own, shorter grace. The lease file is left as
+    is (the caller owns it; stop its `LeaseKeeper`).
 
     Returns the pids that were signalled. Only processes of this head are touched.
     """
