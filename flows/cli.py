@@ -212,13 +212,23 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from kimi_core.runtime.context import RunContext  # noqa: PLC0415 - the runtime only for `run`
+    from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
+    from kimi_core.runtime.status import preflight  # noqa: PLC0415
+
     recipe = _load(args)  # invalid input exits 2 here, before Prefect starts
+    ctx = RunContext(recipe_path=args.recipe, run_name=args.run_name, cluster=args.cluster,
+                     overrides=tuple(args.overrides), base_dir=args.base_dir, num_rollout=args.num_rollout)
+    try:
+        preflight(ctx)  # a recipe this install cannot run: exit 2, nothing submitted or created
+    except NotRunnableHere as exc:
+        err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        return INVALID_INPUT
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     from flows.pipeline import kimi_k25_grpo  # noqa: PLC0415 - Prefect only for `run`
-    from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
 
     console.print(f"run [bold]{args.run_name or recipe.name}[/bold] of {args.recipe} "
                   f"(Prefect: {os.environ.get('PREFECT_API_URL') or 'ephemeral'})")

@@ -5,7 +5,7 @@ failure: bring-up records its head before waiting for it, the session re-attache
 retried rollout returns the result the session already holds, and the rollout loop logs each
 metric once. What the flow passes between steps is a frozen `SessionHandle`; the live objects
 behind it (the run's ledger, MLflow client, actor handle and the loop) are kept in one named
-registry, `ATTACHED`, so the tasks of one flow run reuse them.
+registry, `LIVE`, so the tasks of one flow run reuse them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kimi_core.engines.base import EngineInputs, EvalResult, RolloutResult
@@ -23,6 +24,7 @@ from kimi_core.runtime.ledger import RunLedger
 from kimi_core.runtime.loop import RolloutLoop, Step
 from kimi_core.runtime.progress import Progress, console
 from kimi_core.runtime.ray_local import (
+    LeaseKeeper,
     RayHead,
     free_port,
     short_temp_dir,
@@ -36,6 +38,8 @@ from kimi_core.runtime.session import ActorSession, attach_actor, connect, engin
 
 NAMESPACE = "kimi-grpo"
 BRING_UP = "bring_up_cluster"
+#: Seconds after its owner stops touching the lease that a loopback head ends itself.
+LOCAL_LEASE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,15 @@ def bring_up_cluster(ctx: RunContext) -> ClusterInfo:
     started = time.perf_counter()
     low, high = worker_port_range()
 
-    def record(head: RayHead) -> None:  # before the head is ready: a kill from here on leaves no stray head
+    def record(head: RayHead) -> None:  # before the head is ready: a rerun finds it and stops it
         ledger.manifest.record_stage(BRING_UP, cache_key=head.address, status="starting",
                                      result={"address": head.address, "head": dataclasses.asdict(head)})
 
+    # The head ends itself once this process stops touching its lease (a SIGKILLed CLI or flow).
+    lease = LIVE.keep_lease(ledger.paths.run_dir / "ray" / "lease", lease_timeout_s=LOCAL_LEASE_S)
     head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=2,
-                                object_store_memory=256 * 1024**2, min_worker_port=low, max_worker_port=high)
-    record(head)
+                                object_store_memory=256 * 1024**2, min_worker_port=low, max_worker_port=high,
+                                lease_path=lease, lease_timeout_s=LOCAL_LEASE_S, on_spawn=record)
     ledger.manifest.record_stage(BRING_UP, cache_key=head.address,
                                  result={"address": head.address, "head": dataclasses.asdict(head)})
     ledger.manifest.update(ray_address=head.address)
@@ -97,13 +103,18 @@ def release_recorded_head(ledger: RunLedger) -> None:
 
 
 # ---- the session -----------------------------------------------------------------------------
-class AttachedLoops:
-    """The rollout loops this process drives, by session handle: a task called again in the same
-    process (the next rollout, a retry) reuses the ledger, MLflow client and actor handle; a
-    task in another process rebuilds them from the run directory and MLflow."""
+class LiveObjects:
+    """The live objects of the runs this process drives — the one process-wide registry.
+
+    Rollout loops by session handle: a task called again in the same process (the next rollout,
+    a retry) reuses the ledger, MLflow client and actor handle; a task in another process rebuilds
+    them from the run directory and MLflow. Lease keepers by lease file: this process touches the
+    lease of every Ray head it brought up for as long as it lives.
+    """
 
     def __init__(self) -> None:
         self._loops: dict[SessionHandle, RolloutLoop] = {}
+        self._leases: dict[Path, LeaseKeeper] = {}
         self._lock = threading.Lock()
 
     def put(self, handle: SessionHandle, loop: RolloutLoop) -> None:
@@ -122,8 +133,16 @@ class AttachedLoops:
         with self._lock:
             self._loops = {h: loop for h, loop in self._loops.items() if h.run != run}
 
+    def keep_lease(self, path: Path, *, lease_timeout_s: float) -> Path:
+        """Start touching the lease at `path` (once per path per process); return the path."""
+        with self._lock:
+            if path not in self._leases:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._leases[path] = LeaseKeeper(path, lease_timeout_s=lease_timeout_s).start()
+        return path
 
-ATTACHED = AttachedLoops()
+
+LIVE = LiveObjects()
 
 
 def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], model: dict[str, Any]) -> SessionHandle:
@@ -145,7 +164,7 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     loop = _loop(ledger, ActorSession(actor), tracker_start=start)
     handle = SessionHandle(run=ctx, address=cluster.address, start=start, pending_evals=loop.pending_evals,
                            mlflow_run_id=tracker.run_id, reattached=reattached)
-    ATTACHED.put(handle, loop)
+    LIVE.put(handle, loop)
     console.print(f"engine session {'re-attached' if reattached else 'opened'} at rollout {start} "
                   f"in {time.perf_counter() - started:.1f} s", markup=False)
     return handle
@@ -174,17 +193,17 @@ def _rebuild(handle: SessionHandle) -> RolloutLoop:
 
 def rollout_steps(handle: SessionHandle) -> Iterator[Step]:
     """The steps of the session's rollout loop, decided one at a time."""
-    return ATTACHED.get(handle).steps()
+    return LIVE.get(handle).steps()
 
 
 def train_rollout(handle: SessionHandle, rollout_id: int) -> RolloutResult:
     """Run one rollout in the engine session (saving when the loop says so); log it once."""
-    return ATTACHED.get(handle).train(rollout_id)
+    return LIVE.get(handle).train(rollout_id)
 
 
 def evaluate(handle: SessionHandle, rollout_id: int) -> EvalResult:
     """Evaluate the current policy; log the eval metrics once and the sample table."""
-    return ATTACHED.get(handle).evaluate(rollout_id)
+    return LIVE.get(handle).evaluate(rollout_id)
 
 
 # ---- the end ---------------------------------------------------------------------------------
@@ -214,7 +233,7 @@ def _release(ledger: RunLedger, handle: SessionHandle | None) -> None:
     """Stop the engine actor and the run's local Ray head (by pid); record the head as stopped."""
     import ray  # noqa: PLC0415 - only processes that talk to the cluster import Ray
 
-    ATTACHED.drop(ledger.ctx)
+    LIVE.drop(ledger.ctx)
     if handle is not None and ray.is_initialized():
         try:
             ray.kill(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE))

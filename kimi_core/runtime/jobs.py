@@ -1,6 +1,6 @@
 """Job-shaped stages (data prep, model acquisition, conversion) as jobs of the recipe's executor.
 
-The caller hands in a `JobLauncher` (`slurm.executors.StageLauncher`: submitit's local executor for
+The caller hands in a `JobLauncher` (`slurm.launcher.StageLauncher`: submitit's local executor for
 the local recipe, its Slurm executor for a Slurm profile), so this module never imports the
 scheduler package. The job id is recorded in the manifest before waiting, so a retried stage
 re-attaches to the running job instead of submitting it again.

@@ -251,3 +251,38 @@ def test_failed_run_names_the_row_and_leaves_no_cluster_running(prefect_server, 
     assert "prepare_data" not in manifest.stages or manifest.stages["prepare_data"].status != "completed"
     assert not manifest.finished and manifest.mlflow_run_id is None  # failed before the session opened
     assert not _ray_daemons() - before  # the head started for this run is gone
+
+
+def test_kill_during_start_up_leaves_no_ray_head(prefect_server, base_dir: Path) -> None:
+    """SIGKILL of the whole `kimi-grpo run` process group while the Ray head is coming up: the head
+    (in a session of its own) was recorded before it became ready, so the rerun stops it; whatever
+    the kill left unrecorded ends itself when its lease goes stale. Afterwards no Ray process of the
+    run is left (pids compared with those before the run; nothing is killed by name)."""
+    before = _ray_daemons()
+    paths = RunPaths.of(base_dir, "killed-early")
+    args = ["run", "configs/local.yaml", "--run-name", "killed-early", "--base-dir", str(base_dir), *SMALL,
+            "--num-rollout", "2"]
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, env=cli_env(prefect_server), text=True, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # the head is spawned and recorded, not yet ready
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never started its Ray head"
+            if paths.manifest.is_file():
+                record = Manifest.load(paths).stages.get("bring_up_cluster")
+                if record is not None and record.status == "starting":
+                    break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        leaked = _ray_daemons() - before
+        resumed = run_cli(args, cli_env(prefect_server))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60  # the lease (30 s) of a head the kill left behind
+    while (_ray_daemons() - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _ray_daemons() - before, f"Ray processes left: {_ray_daemons() - before} (after the kill: {leaked})"
+    assert latest_checkpoint(paths) == 1
