@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kimi_core import run_state
+from kimi_core import atomic, run_state
+from kimi_core.atomic import write_bytes_atomic
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.run_state import (
     CheckpointError,
@@ -23,7 +24,6 @@ from kimi_core.run_state import (
     commit_checkpoint,
     dataset_state_path,
     latest_checkpoint,
-    write_bytes_atomic,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def test_manifest_write_is_atomic_on_failure(paths: RunPaths, monkeypatch) -> No
     def crash(src, dst):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(run_state.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         manifest.record_stage("x", cache_key="k", result=1)
     assert paths.manifest.read_bytes() == before
@@ -215,7 +215,8 @@ def test_commit_rejects_foreign_dir(paths: RunPaths, tmp_path: Path) -> None:
 _SAVER = textwrap.dedent(
     """
     import sys, time
-    from kimi_core.run_state import RunPaths, begin_checkpoint, commit_checkpoint, write_bytes_atomic
+    from kimi_core.atomic import write_bytes_atomic
+    from kimi_core.run_state import RunPaths, begin_checkpoint, commit_checkpoint
     from kimi_core.run_state import dataset_state_path
     paths = RunPaths.of(sys.argv[1], "run-a").ensure()
     tmp = begin_checkpoint(paths, 0)
