@@ -27,6 +27,8 @@ from pathlib import Path
 from kimi_core.atomic import TMP_MARK, fsync_dir, write_text_atomic
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+"""The tracker file (miles/Megatron name) holding the last complete iteration: `RunPaths.tracker`
+of a run, and `{out}/TRACKER_FILENAME` of a torch_dist checkpoint (`release`)."""
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
