@@ -18,6 +18,7 @@ instant leaves either the old or the new content, never a torn one.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -29,7 +30,22 @@ from kimi_core.atomic import TMP_MARK, fsync_dir, write_text_atomic
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 """The tracker file (miles/Megatron name) holding the last complete iteration: `RunPaths.tracker`
 of a run, and `{out}/TRACKER_FILENAME` of a torch_dist checkpoint (`release`)."""
+RUNS_DIR = "runs"
+"""`{base_dir}/RUNS_DIR/{run_name}` is a run's directory."""
+CHECKPOINTS_DIR = "checkpoints"
+"""The run's checkpoints (and tracker file) directory, inside the run directory."""
+SLURM_DIR = "slurm"
+"""The run's Slurm scripts and job output directory, inside the run directory."""
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def run_path(base_dir: str, run_name: str, *parts: str) -> str:
+    """`{base_dir}/runs/{run_name}[/parts...]` as a plain POSIX string, neither resolved nor validated.
+
+    The one definition of where a run lives: `RunPaths` builds its paths on it, and renderers
+    call it directly, with placeholders such as `<base_dir>` for display.
+    """
+    return posixpath.join(base_dir, RUNS_DIR, run_name, *parts)
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,7 @@ class RunPaths:
 
     @property
     def run_dir(self) -> Path:
-        return self.base_dir / "runs" / self.run_name
+        return Path(run_path(str(self.base_dir), self.run_name))
 
     @property
     def manifest(self) -> Path:
@@ -63,7 +79,7 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / CHECKPOINTS_DIR
 
     @property
     def tracker(self) -> Path:
@@ -72,6 +88,11 @@ class RunPaths:
     @property
     def rollout_state(self) -> Path:
         return self.checkpoints / "rollout"
+
+    @property
+    def slurm(self) -> Path:
+        """Slurm scripts and job output of the run (`{run}/slurm`)."""
+        return self.run_dir / SLURM_DIR
 
     @property
     def data(self) -> Path:

@@ -49,6 +49,9 @@ def test_run_paths_layout(tmp_path: Path) -> None:
     assert paths.manifest.name == "manifest.json"
     assert paths.mlflow_db == tmp_path.resolve() / "mlflow.db"
     assert paths.tracker == paths.run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    assert paths.slurm == paths.run_dir / "slurm"
+    assert str(paths.checkpoints) == run_state.run_path(str(tmp_path.resolve()), "my_run.1", "checkpoints")
+    assert run_state.run_path("<base_dir>", "<run_name>", "slurm") == "<base_dir>/runs/<run_name>/slurm"
     assert checkpoint_dir(paths, 19).name == "iter_0000019"
     assert dataset_state_path(paths, 19) == (
         paths.run_dir / "checkpoints" / "rollout" / "global_dataset_state_dict_19.pt"
