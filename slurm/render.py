@@ -11,6 +11,7 @@ import re
 import shlex
 from importlib import resources
 
+from kimi_core.exit_codes import REQUEUE_EXIT
 from slurm.requests import RayPorts, SlurmJobRequest
 
 _PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
@@ -155,9 +156,6 @@ def render_conversion_job(
     return render_sbatch_header(req) + body
 
 
-#: Exit status of `kimi_core.runtime.fallback` after a signal-triggered save (the job requeues).
-PIPELINE_REQUEUE_EXIT = 3
-
 _GPU_ENGINE_NOTE = (
     "# NOTE: the Megatron + SGLang engine this GPU recipe needs is not implemented yet: the data and\n"
     "# checkpoint stages run, then the engine session stops with NotImplementedError (see\n"
@@ -194,7 +192,7 @@ def render_pipeline_sbatch(
     starts `python -m kimi_core.runtime.fallback RECIPE --run-name ... --base-dir ...
     [--cluster P] [--set k=v ...]` in the background (through `srun --container-image` when the
     request names an image), forwards SIGUSR1/SIGTERM to it as SIGUSR1 and waits until it really
-    exits. Exit 3 (saved for a requeue) -> `scontrol requeue $SLURM_JOB_ID`, exit 0; otherwise the
+    exits. Exit `kimi_core.exit_codes.REQUEUE_EXIT` (saved for a requeue) -> `scontrol requeue $SLURM_JOB_ID`, exit 0; otherwise the
     driver's status. `workdir` None = the submission directory (sbatch's default).
     """
     if not req.requeue:
@@ -218,6 +216,6 @@ def render_pipeline_sbatch(
         "python": shlex.quote(python),
         "driver_args": " ".join(shlex.quote(arg) for arg in args),
         "launcher": launcher,
-        "requeue_exit": str(PIPELINE_REQUEUE_EXIT),
+        "requeue_exit": str(REQUEUE_EXIT),
     })
     return render_sbatch_header(req) + body
