@@ -12,7 +12,7 @@ import shlex
 from importlib import resources
 
 from kimi_core.exit_codes import REQUEUE_EXIT
-from slurm.requests import RayPorts, SlurmJobRequest
+from slurm.requests import RayPorts, SlurmJobRequest, sbatch_options
 
 _PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
 DEFAULT_RAY_TEMP_DIR = "/tmp/ray-$(id -u)-$SLURM_JOB_ID"
@@ -30,30 +30,10 @@ def fill_template(name: str, values: dict[str, str]) -> str:
 
 
 def render_sbatch_header(req: SlurmJobRequest) -> str:
-    """The `#SBATCH` lines of a one-task-per-node job, ending with a newline."""
-    lines = [
-        "#!/bin/bash",
-        f"--job-name={req.job_name}",
-        f"--nodes={req.nodes}",
-        "--ntasks-per-node=1",
-        f"--cpus-per-task={req.cpus_per_task}",
-    ]
-    if req.gpus_per_node:
-        lines.append(f"--gpus-per-node={req.gpus_per_node}")
-    if req.mem is not None:
-        lines.append(f"--mem={req.mem}")
-    if req.mem_per_gpu is not None:
-        lines.append(f"--mem-per-gpu={req.mem_per_gpu}")
-    lines.append(f"--partition={req.partition}")
-    lines += [f"--account={req.account}"] if req.account else []
-    lines += [f"--qos={req.qos}"] if req.qos else []
-    lines.append(f"--time={req.time_limit}")
-    lines.append(f"--output={req.output_dir.rstrip('/')}/%x-%j.out")
-    lines += ["--exclusive"] if req.exclusive else []
-    lines.append("--requeue" if req.requeue else "--no-requeue")
-    if req.signal_before_deadline_s is not None:
-        lines.append(f"--signal=B:USR1@{req.signal_before_deadline_s}")
-    return "\n".join(lines[:1] + [f"#SBATCH {line}" for line in lines[1:]]) + "\n"
+    """The `#SBATCH` lines of a one-task-per-node job (`slurm.requests.sbatch_options`), ending with a newline."""
+    lines = [f"#SBATCH --{name}" if value is None else f"#SBATCH --{name}={value}"
+             for name, value in sbatch_options(req)]
+    return "\n".join(["#!/bin/bash", *lines]) + "\n"
 
 
 def _export_lines(env: dict[str, str]) -> str:
