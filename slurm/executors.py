@@ -12,7 +12,7 @@ import submitit
 
 from slurm.requests import SlurmJobRequest, sbatch_options, time_limit_seconds
 
-ExecutorKind = Literal["local", "debug", "slurm"]
+ExecutorKind = Literal["local", "slurm"]
 
 # Slurm states in which an earlier job is still worth waiting for (or already has its result).
 REATTACH_STATES = frozenset(
@@ -26,18 +26,15 @@ def make_executor(
     """A submitit executor of `kind` writing its files under `folder`.
 
     "slurm" needs `request` (partition, nodes, GPUs, time limit, account, qos, requeue, signal);
-    "local" runs a subprocess on this machine (the time limit is taken from `request` if given);
-    "debug" runs in this process (no request fields apply).
+    "local" runs a subprocess on this machine (the time limit is taken from `request` if given).
     """
-    if kind == "debug":
-        return submitit.DebugExecutor(folder=folder)
     if kind == "local":
         executor = submitit.LocalExecutor(folder=folder)
         if request is not None:
             executor.update_parameters(timeout_min=max(1, request.time_limit_s // 60))
         return executor
     if kind != "slurm":
-        raise ValueError(f"executor kind {kind!r}: expected one of 'local', 'debug', 'slurm'")
+        raise ValueError(f"executor kind {kind!r}: expected one of 'local', 'slurm'")
     if request is None:
         raise ValueError("executor kind 'slurm' needs a SlurmJobRequest (request=...)")
     executor = submitit.SlurmExecutor(folder=folder)
@@ -110,7 +107,6 @@ def submit_or_reattach(
     `submitit.SlurmJob(folder, job_id)`; failed, cancelled, timed-out or unknown jobs are
     submitted again. Local: a job whose result file exists is re-attached (a still-running
     local process cannot be waited on from another process, so it is submitted again).
-    Debug jobs never re-attach.
     """
     if job_id is not None:
         if isinstance(executor, submitit.SlurmExecutor) and slurm_job_state(job_id) in REATTACH_STATES:
