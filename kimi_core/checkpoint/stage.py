@@ -36,6 +36,7 @@ from kimi_core.checkpoint.cache import (
 )
 from kimi_core.checkpoint.safetensors_io import TensorReader, read_checkpoint_entries
 
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (dtype, shape and bytes)."""
     return (a.dtype == b.dtype and a.shape == b.shape

@@ -14,7 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from kimi_core.checkpoint.hf import SINGLE_NAME
-from kimi_core.checkpoint.safetensors_io import TensorReader, read_checkpoint_entries, write_index
+from kimi_core.checkpoint.safetensors_io import (
+    TensorReader,
+    read_checkpoint_entries,
+    write_index,
+)
 from kimi_core.model.config import ModelConfig, load_config
 from kimi_core.model.deepseek import KimiForCausalLM
 
