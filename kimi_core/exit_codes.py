@@ -1,8 +1,16 @@
-"""Exit statuses of the command line and of the sbatch fallback's driver (docs/design.md §11)."""
+"""Process exit statuses shared by the CLI, the fallback driver and the rendered sbatch scripts.
 
+One definition, so the pipeline sbatch script (`slurm.render.render_pipeline_sbatch`) and the
+driver it runs (`kimi_core.runtime.fallback`) cannot disagree about what "requeue me" is.
+"""
+
+from __future__ import annotations
+
+OK = 0
+"""Success (or nothing left to do)."""
 RUN_FAILED = 1
-"""A failure at run time; the message names the stage and the reason."""
+"""The run (or a submission) failed; the CLI printed why."""
 INVALID_INPUT = 2
-"""Invalid input (recipe, override, profile) or a recipe this install cannot run; nothing was submitted."""
+"""The recipe, its overrides or the command's arguments are invalid; nothing ran."""
 REQUEUE_EXIT = 3
-"""The fallback driver saved on a stop request (deadline, preemption): its batch script requeues the job."""
+"""The driver saved a checkpoint after SIGUSR1/SIGTERM and asks the batch script to requeue the job."""

@@ -1,6 +1,6 @@
 """Run state on the shared filesystem: one source of truth under `{base_dir}/runs/{run_name}/`.
 
-Layout (DESIGN §4)::
+Layout (docs/design.md §4)::
 
     manifest.json                       stage records, MLflow run id, Slurm job ids, resume history
     checkpoints/iter_{rollout_id:07d}/  one complete checkpoint per saved rollout
@@ -10,23 +10,42 @@ Layout (DESIGN §4)::
 and `{base_dir}/mlflow.db` (default MLflow store shared by the runs under base_dir).
 
 Plain POSIX paths, not fsspec: the protocol needs fcntl locks, fsync and atomic rename on a
-shared filesystem, which object stores do not offer. Every file here is written atomically (temp file in the same directory, fsync, `os.replace`), so a
-crash at any instant leaves either the old or the new content, never a torn one.
+shared filesystem, which object stores do not offer. Every file here is written atomically with
+`kimi_core.atomic` (temp file in the same directory, fsync, `os.replace`), so a crash at any
+instant leaves either the old or the new content, never a torn one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import posixpath
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kimi_core.atomic import TMP_MARK, fsync_dir, write_text_atomic
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-_TMP_MARK = ".tmp-"
+"""The tracker file (miles/Megatron name) holding the last complete iteration: `RunPaths.tracker`
+of a run, and `{out}/TRACKER_FILENAME` of a torch_dist checkpoint (`release`)."""
+RUNS_DIR = "runs"
+"""`{base_dir}/RUNS_DIR/{run_name}` is a run's directory."""
+CHECKPOINTS_DIR = "checkpoints"
+"""The run's checkpoints (and tracker file) directory, inside the run directory."""
+SLURM_DIR = "slurm"
+"""The run's Slurm scripts and job output directory, inside the run directory."""
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def run_path(base_dir: str, run_name: str, *parts: str) -> str:
+    """`{base_dir}/runs/{run_name}[/parts...]` as a plain POSIX string, neither resolved nor validated.
+
+    The one definition of where a run lives: `RunPaths` builds its paths on it, and renderers
+    call it directly, with placeholders such as `<base_dir>` for display.
+    """
+    return posixpath.join(base_dir, RUNS_DIR, run_name, *parts)
 
 
 @dataclass(frozen=True)
@@ -48,7 +67,7 @@ class RunPaths:
 
     @property
     def run_dir(self) -> Path:
-        return self.base_dir / "runs" / self.run_name
+        return Path(run_path(str(self.base_dir), self.run_name))
 
     @property
     def manifest(self) -> Path:
@@ -60,7 +79,7 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / CHECKPOINTS_DIR
 
     @property
     def tracker(self) -> Path:
@@ -69,6 +88,11 @@ class RunPaths:
     @property
     def rollout_state(self) -> Path:
         return self.checkpoints / "rollout"
+
+    @property
+    def slurm(self) -> Path:
+        """Slurm scripts and job output of the run (`{run}/slurm`)."""
+        return self.run_dir / SLURM_DIR
 
     @property
     def data(self) -> Path:
@@ -91,39 +115,6 @@ class RunPaths:
         return self
 
 
-# ----------------------------------------------------------------------------- atomic files
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` atomically: temp file beside it, fsync, `os.replace`, fsync dir."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{_TMP_MARK}")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """UTF-8 text variant of `write_bytes_atomic`."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
 # ----------------------------------------------------------------------------- checkpoints
 class CheckpointError(RuntimeError):
     """The checkpoint directory contradicts its tracker file (or a commit is not allowed)."""
@@ -138,7 +129,7 @@ def checkpoint_dir(paths: RunPaths, rollout_id: int) -> Path:
 
 def dataset_state_path(paths: RunPaths, rollout_id: int) -> Path:
     """`checkpoints/rollout/global_dataset_state_dict_{rollout_id}.pt`; write it with
-    `write_bytes_atomic` BEFORE `commit_checkpoint` so the tracker never points past it."""
+    `kimi_core.atomic.write_bytes_atomic` BEFORE `commit_checkpoint` so the tracker never points past it."""
     return paths.rollout_state / f"global_dataset_state_dict_{rollout_id}.pt"
 
 
@@ -169,7 +160,7 @@ def begin_checkpoint(paths: RunPaths, rollout_id: int) -> Path:
     """Create and return an empty temp dir beside `iter_{rollout_id:07d}` to write a save into."""
     final = checkpoint_dir(paths, rollout_id)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}{_TMP_MARK}"))
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}{TMP_MARK}"))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -191,7 +182,7 @@ def commit_checkpoint(paths: RunPaths, rollout_id: int, tmp_dir: Path) -> Path:
     """
     tmp_dir = Path(tmp_dir)
     final = checkpoint_dir(paths, rollout_id)
-    if tmp_dir.parent != final.parent or not tmp_dir.name.startswith(final.name + _TMP_MARK):
+    if tmp_dir.parent != final.parent or not tmp_dir.name.startswith(final.name + TMP_MARK):
         raise ValueError(f"{tmp_dir} was not made by begin_checkpoint for rollout {rollout_id}")
     latest = latest_checkpoint(paths)
     if latest is not None and rollout_id <= latest:
@@ -202,7 +193,7 @@ def commit_checkpoint(paths: RunPaths, rollout_id: int, tmp_dir: Path) -> Path:
     _fsync_tree(tmp_dir)
     stale: Path | None = None
     if final.exists():
-        stale = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}{_TMP_MARK}stale-"))
+        stale = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}{TMP_MARK}stale-"))
         os.rename(final, stale / final.name)
     os.rename(tmp_dir, final)
     fsync_dir(final.parent)
@@ -219,7 +210,7 @@ def cleanup_incomplete(paths: RunPaths) -> list[Path]:
         if not parent.is_dir():
             continue
         for entry in sorted(parent.iterdir()):
-            if _TMP_MARK not in entry.name:
+            if TMP_MARK not in entry.name:
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry)

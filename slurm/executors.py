@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import submitit
 
-from slurm.requests import SlurmJobRequest
+from slurm.requests import SlurmJobRequest, sbatch_options, time_limit_seconds
 
-ExecutorKind = Literal["local", "debug", "slurm"]
+ExecutorKind = Literal["local", "slurm"]
 
 # Slurm states in which an earlier job is still worth waiting for (or already has its result).
 REATTACH_STATES = frozenset(
@@ -26,18 +26,15 @@ def make_executor(
     """A submitit executor of `kind` writing its files under `folder`.
 
     "slurm" needs `request` (partition, nodes, GPUs, time limit, account, qos, requeue, signal);
-    "local" runs a subprocess on this machine (the time limit is taken from `request` if given);
-    "debug" runs in this process (no request fields apply).
+    "local" runs a subprocess on this machine (the time limit is taken from `request` if given).
     """
-    if kind == "debug":
-        return submitit.DebugExecutor(folder=folder)
     if kind == "local":
         executor = submitit.LocalExecutor(folder=folder)
         if request is not None:
             executor.update_parameters(timeout_min=max(1, request.time_limit_s // 60))
         return executor
     if kind != "slurm":
-        raise ValueError(f"executor kind {kind!r}: expected one of 'local', 'debug', 'slurm'")
+        raise ValueError(f"executor kind {kind!r}: expected one of 'local', 'slurm'")
     if request is None:
         raise ValueError("executor kind 'slurm' needs a SlurmJobRequest (request=...)")
     executor = submitit.SlurmExecutor(folder=folder)
@@ -45,32 +42,38 @@ def make_executor(
     return executor
 
 
+_INT_OPTIONS = frozenset({"nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node"})
+_ADDITIONAL = frozenset({"requeue", "no_requeue"})
+"""Options submitit has no parameter for: passed through `additional_parameters`."""
+
+
+def _submitit_parameter(name: str, value: str | None) -> tuple[str, Any] | None:
+    """The submitit parameter for one sbatch option (None: submitit decides it itself)."""
+    if name == "output":
+        return None  # submitit writes its logs under its own folder
+    if name == "time":
+        return "time", max(1, time_limit_seconds(str(value)) // 60)
+    if name == "signal":
+        return "signal_delay_s", int(str(value).rpartition("@")[2])
+    key = name.replace("-", "_")
+    if value is None:
+        return key, True
+    return key, int(value) if name in _INT_OPTIONS else value
+
+
 def slurm_parameters(request: SlurmJobRequest) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for `request` (one task per node)."""
-    extra: dict[str, Any] = {"requeue": True} if request.requeue else {"no_requeue": True}
-    params: dict[str, Any] = {
-        "job_name": request.job_name,
-        "partition": request.partition,
-        "nodes": request.nodes,
-        "ntasks_per_node": 1,
-        "cpus_per_task": request.cpus_per_task,
-        "time": max(1, request.time_limit_s // 60),
-        "additional_parameters": extra,
-    }
-    if request.gpus_per_node:
-        params["gpus_per_node"] = request.gpus_per_node
-    if request.mem is not None:
-        params["mem"] = request.mem
-    if request.mem_per_gpu is not None:
-        params["mem_per_gpu"] = request.mem_per_gpu
-    if request.account:
-        params["account"] = request.account
-    if request.qos:
-        params["qos"] = request.qos
-    if request.exclusive:
-        params["exclusive"] = True
-    if request.signal_before_deadline_s is not None:
-        params["signal_delay_s"] = request.signal_before_deadline_s
+    """submitit SlurmExecutor parameters for `request`: its `sbatch_options`, translated, plus the
+    container (`srun_args`) and environment (`setup`) that a rendered script sets in its body."""
+    params: dict[str, Any] = {"additional_parameters": {}}
+    for name, value in sbatch_options(request):
+        parameter = _submitit_parameter(name, value)
+        if parameter is None:
+            continue
+        key, converted = parameter
+        if key in _ADDITIONAL:
+            params["additional_parameters"][key] = converted
+        else:
+            params[key] = converted
     if request.container_image:
         params["srun_args"] = [f"--container-image={request.container_image}"]
     if request.extra_env:
@@ -104,7 +107,6 @@ def submit_or_reattach(
     `submitit.SlurmJob(folder, job_id)`; failed, cancelled, timed-out or unknown jobs are
     submitted again. Local: a job whose result file exists is re-attached (a still-running
     local process cannot be waited on from another process, so it is submitted again).
-    Debug jobs never re-attach.
     """
     if job_id is not None:
         if isinstance(executor, submitit.SlurmExecutor) and slurm_job_state(job_id) in REATTACH_STATES:

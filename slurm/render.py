@@ -11,7 +11,8 @@ import re
 import shlex
 from importlib import resources
 
-from slurm.requests import RayPorts, SlurmJobRequest
+from kimi_core.exit_codes import REQUEUE_EXIT
+from slurm.requests import RayPorts, SlurmJobRequest, sbatch_options
 
 _PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
 DEFAULT_RAY_TEMP_DIR = "/tmp/ray-$(id -u)-$SLURM_JOB_ID"
@@ -29,30 +30,10 @@ def fill_template(name: str, values: dict[str, str]) -> str:
 
 
 def render_sbatch_header(req: SlurmJobRequest) -> str:
-    """The `#SBATCH` lines of a one-task-per-node job, ending with a newline."""
-    lines = [
-        "#!/bin/bash",
-        f"--job-name={req.job_name}",
-        f"--nodes={req.nodes}",
-        "--ntasks-per-node=1",
-        f"--cpus-per-task={req.cpus_per_task}",
-    ]
-    if req.gpus_per_node:
-        lines.append(f"--gpus-per-node={req.gpus_per_node}")
-    if req.mem is not None:
-        lines.append(f"--mem={req.mem}")
-    if req.mem_per_gpu is not None:
-        lines.append(f"--mem-per-gpu={req.mem_per_gpu}")
-    lines.append(f"--partition={req.partition}")
-    lines += [f"--account={req.account}"] if req.account else []
-    lines += [f"--qos={req.qos}"] if req.qos else []
-    lines.append(f"--time={req.time_limit}")
-    lines.append(f"--output={req.output_dir.rstrip('/')}/%x-%j.out")
-    lines += ["--exclusive"] if req.exclusive else []
-    lines.append("--requeue" if req.requeue else "--no-requeue")
-    if req.signal_before_deadline_s is not None:
-        lines.append(f"--signal=B:USR1@{req.signal_before_deadline_s}")
-    return "\n".join(lines[:1] + [f"#SBATCH {line}" for line in lines[1:]]) + "\n"
+    """The `#SBATCH` lines of a one-task-per-node job (`slurm.requests.sbatch_options`), ending with a newline."""
+    lines = [f"#SBATCH --{name}" if value is None else f"#SBATCH --{name}={value}"
+             for name, value in sbatch_options(req)]
+    return "\n".join(["#!/bin/bash", *lines]) + "\n"
 
 
 def _export_lines(env: dict[str, str]) -> str:
@@ -155,9 +136,6 @@ def render_conversion_job(
     return render_sbatch_header(req) + body
 
 
-#: Exit status of `kimi_core.runtime.fallback` after a signal-triggered save (the job requeues).
-PIPELINE_REQUEUE_EXIT = 3
-
 _GPU_ENGINE_NOTE = (
     "# NOTE: the Megatron + SGLang engine this GPU recipe needs is not implemented yet: the data and\n"
     "# checkpoint stages run, then the engine session stops with NotImplementedError (see\n"
@@ -194,7 +172,7 @@ def render_pipeline_sbatch(
     starts `python -m kimi_core.runtime.fallback RECIPE --run-name ... --base-dir ...
     [--cluster P] [--set k=v ...]` in the background (through `srun --container-image` when the
     request names an image), forwards SIGUSR1/SIGTERM to it as SIGUSR1 and waits until it really
-    exits. Exit 3 (saved for a requeue) -> `scontrol requeue $SLURM_JOB_ID`, exit 0; otherwise the
+    exits. Exit `kimi_core.exit_codes.REQUEUE_EXIT` (saved for a requeue) -> `scontrol requeue $SLURM_JOB_ID`, exit 0; otherwise the
     driver's status. `workdir` None = the submission directory (sbatch's default).
     """
     if not req.requeue:
@@ -218,6 +196,6 @@ def render_pipeline_sbatch(
         "python": shlex.quote(python),
         "driver_args": " ".join(shlex.quote(arg) for arg in args),
         "launcher": launcher,
-        "requeue_exit": str(PIPELINE_REQUEUE_EXIT),
+        "requeue_exit": str(REQUEUE_EXIT),
     })
     return render_sbatch_header(req) + body

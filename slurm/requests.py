@@ -106,8 +106,52 @@ class SlurmJobRequest(_Frozen):
     @property
     def time_limit_s(self) -> int:
         """The time limit in seconds."""
-        hours, minutes, seconds = (int(part) for part in self.time_limit.split(":"))
-        return hours * 3600 + minutes * 60 + seconds
+        return time_limit_seconds(self.time_limit)
+
+
+def time_limit_seconds(time_limit: str) -> int:
+    """Seconds of a Slurm time limit "HH:MM:SS" (hours may exceed 24)."""
+    hours, minutes, seconds = (int(part) for part in time_limit.split(":"))
+    return hours * 3600 + minutes * 60 + seconds
+
+
+SbatchOption = tuple[str, str | None]
+"""`(option, value)` of one sbatch option, the option without its leading `--`; value None for a flag."""
+
+
+def sbatch_options(req: SlurmJobRequest) -> list[SbatchOption]:
+    """The sbatch options of a one-task-per-node job for `req`, in `#SBATCH` header order.
+
+    The single mapping from a request to Slurm options: `slurm.render.render_sbatch_header`
+    writes these as `#SBATCH` lines and `slurm.executors.slurm_parameters` translates them into
+    submitit parameters. SIGUSR1 goes to the batch shell (`B:`) `signal_before_deadline_s`
+    seconds before the time limit.
+    """
+    options: list[SbatchOption] = [
+        ("job-name", req.job_name),
+        ("nodes", str(req.nodes)),
+        ("ntasks-per-node", "1"),
+        ("cpus-per-task", str(req.cpus_per_task)),
+    ]
+    if req.gpus_per_node:
+        options.append(("gpus-per-node", str(req.gpus_per_node)))
+    if req.mem is not None:
+        options.append(("mem", req.mem))
+    if req.mem_per_gpu is not None:
+        options.append(("mem-per-gpu", req.mem_per_gpu))
+    options.append(("partition", req.partition))
+    if req.account:
+        options.append(("account", req.account))
+    if req.qos:
+        options.append(("qos", req.qos))
+    options.append(("time", req.time_limit))
+    options.append(("output", f"{req.output_dir.rstrip('/')}/%x-%j.out"))
+    if req.exclusive:
+        options.append(("exclusive", None))
+    options.append(("requeue", None) if req.requeue else ("no-requeue", None))
+    if req.signal_before_deadline_s is not None:
+        options.append(("signal", f"B:USR1@{req.signal_before_deadline_s}"))
+    return options
 
 
 class RayPorts(_Frozen):

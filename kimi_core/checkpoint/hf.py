@@ -1,4 +1,13 @@
-"""Verify an HF safetensors checkpoint directory without loading its tensors."""
+"""HF safetensors checkpoint directories without torch: shard listing, headers, verification.
+
+Layout (as `transformers` writes it): `config.json` plus either one `model.safetensors`, or
+shards `model-00001-of-0000N.safetensors` ... with `model.safetensors.index.json` =
+`{"metadata": {"total_size": bytes}, "weight_map": {key: file}}`. A safetensors file is an
+8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+
+This is the one reader of that layout: `kimi_core.checkpoint.safetensors_io` (streaming tensor
+reads) and `kimi_core.model.io` build on `list_shards` and `read_safetensors_header`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,10 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 
 
 class CheckpointInvalid(ValueError):
@@ -20,8 +33,45 @@ class HFCheckpointInfo:
     total_bytes: int
 
 
-def read_safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+@dataclass(frozen=True)
+class ShardListing:
+    """The safetensors files of a checkpoint directory and the index that names them."""
+
+    root: Path
+    index: Path | None
+    """The index file; None for a single `model.safetensors`."""
+    weight_map: dict[str, str]
+    """`{tensor key: file name}` from the index; empty without one."""
+    files: list[str]
+    """File names (sorted), every one present."""
+
+
+def list_shards(root: str | Path) -> ShardListing:
+    """The safetensors files of `root`: those the index names, else `model.safetensors`.
+
+    Raises `CheckpointInvalid` when neither exists or the index names a missing file.
+    """
+    root = Path(root)
+    index = root / INDEX_NAME
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        listing = ShardListing(root, index, weight_map, sorted(set(weight_map.values())))
+    elif (root / SINGLE_NAME).is_file():
+        listing = ShardListing(root, None, {}, [SINGLE_NAME])
+    else:
+        raise CheckpointInvalid(f"{root}: no {SINGLE_NAME} and no {INDEX_NAME}")
+    for name in listing.files:
+        if not (root / name).is_file():
+            raise CheckpointInvalid(f"{index}: shard {name!r} named in the index is missing")
+    return listing
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """`(header, data_start)` of a safetensors file: its JSON header and where tensor bytes begin.
+
+    Raises `CheckpointInvalid` for a file shorter than its header or its tensors (torn write) or
+    an unreadable header.
+    """
     size = file.stat().st_size
     with file.open("rb") as fh:
         raw = fh.read(8)
@@ -30,11 +80,14 @@ def read_safetensors_header(file: Path) -> dict:
         (length,) = struct.unpack("<Q", raw)
         if length > size - 8:
             raise CheckpointInvalid(f"{file}: header length {length} exceeds the file size {size}")
-        header = json.loads(fh.read(length))
+        try:
+            header = json.loads(fh.read(length))
+        except json.JSONDecodeError as err:
+            raise CheckpointInvalid(f"{file}: unreadable safetensors header: {err}") from err
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end != size:
         raise CheckpointInvalid(f"{file}: expected {8 + length + end} bytes from its header, found {size} (torn write?)")
-    return header
+    return header, 8 + length
 
 
 def verify_hf_checkpoint(path: str | Path) -> HFCheckpointInfo:
@@ -45,24 +98,14 @@ def verify_hf_checkpoint(path: str | Path) -> HFCheckpointInfo:
     if not (root / "config.json").is_file():
         raise CheckpointInvalid(f"{root}: config.json is missing")
     json.loads((root / "config.json").read_text())
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    elif (root / "model.safetensors").is_file():
-        weight_map, shards = {}, ["model.safetensors"]
-    else:
-        raise CheckpointInvalid(f"{root}: neither model.safetensors nor model.safetensors.index.json exists")
+    listing = list_shards(root)
     names: set[str] = set()
     total = 0
-    for shard in shards:
-        file = root / shard
-        if not file.is_file():
-            raise CheckpointInvalid(f"{root}: shard {shard} listed in the index is missing")
-        header = read_safetensors_header(file)
+    for shard in listing.files:
+        header, _ = read_safetensors_header(root / shard)
         names |= {k for k in header if k != "__metadata__"}
-        total += file.stat().st_size
-    missing = sorted(set(weight_map) - names)
+        total += (root / shard).stat().st_size
+    missing = sorted(set(listing.weight_map) - names)
     if missing:
         raise CheckpointInvalid(f"{root}: tensors in the index but in no shard: {missing[:5]}")
-    return HFCheckpointInfo(path=str(root), num_tensors=len(names), num_shards=len(shards), total_bytes=total)
+    return HFCheckpointInfo(path=str(root), num_tensors=len(names), num_shards=len(listing.files), total_bytes=total)

@@ -6,7 +6,8 @@ Conversion of a ~1 TB checkpoint must keep its resident memory near one tensor, 
 reads a tensor with `os.preadv` into freshly allocated memory (thread-safe) and writes a shard by streaming
 tensors after a header computed up front. The byte layout is the safetensors format
 (8-byte little-endian header length, JSON header, raw little-endian tensor bytes); files written
-here load with `safetensors.torch.load_file`, which the tests check.
+here load with `safetensors.torch.load_file`, which the tests check. The directory layout
+(index or single file) and the header are read by the torch-free `kimi_core.checkpoint.hf`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from kimi_core.checkpoint.hf import INDEX_NAME, list_shards, read_safetensors_header
+
 DTYPE_FROM_NAME: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
@@ -28,8 +31,6 @@ DTYPE_FROM_NAME: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 NAME_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_NAME.items()}
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,7 @@ class TensorEntry:
 def read_header(path: str | Path) -> dict[str, TensorEntry]:
     """Parse the header of one safetensors file into `{key: TensorEntry}`."""
     path = Path(path)
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        try:
-            header = json.loads(f.read(header_len))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: unreadable safetensors header: {err}") from err
-    data_start = 8 + header_len
+    header, data_start = read_safetensors_header(path)
     entries: dict[str, TensorEntry] = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -79,26 +71,16 @@ def read_checkpoint_entries(hf_dir: str | Path) -> dict[str, TensorEntry]:
     Raises ValueError when the index names a missing file, a key the index promises is not in
     the file it names, or a shard holds a key the index does not list.
     """
-    hf_dir = Path(hf_dir)
-    index_path = hf_dir / INDEX_NAME
-    if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (hf_dir / SINGLE_NAME).is_file():
-        weight_map, files = {}, [SINGLE_NAME]
-    else:
-        raise ValueError(f"{hf_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+    listing = list_shards(hf_dir)
     entries: dict[str, TensorEntry] = {}
-    for name in files:
-        if not (hf_dir / name).is_file():
-            raise ValueError(f"{index_path}: shard {name!r} is missing")
-        entries.update(read_header(hf_dir / name))
-    for key, name in weight_map.items():
+    for name in listing.files:
+        entries.update(read_header(listing.root / name))
+    for key, name in listing.weight_map.items():
         if key not in entries or entries[key].file.name != name:
-            raise ValueError(f"{index_path}: key {key!r} is not in shard {name!r}")
-    unlisted = sorted(set(entries) - set(weight_map)) if weight_map else []
+            raise ValueError(f"{listing.index}: key {key!r} is not in shard {name!r}")
+    unlisted = sorted(set(entries) - set(listing.weight_map)) if listing.weight_map else []
     if unlisted:
-        raise ValueError(f"{index_path}: shard tensors not listed in the index, e.g. {unlisted[:5]}")
+        raise ValueError(f"{listing.index}: shard tensors not listed in the index, e.g. {unlisted[:5]}")
     return entries
 
 

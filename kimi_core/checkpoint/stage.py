@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kimi_core.atomic import write_text_atomic
 from kimi_core.checkpoint import int4, torch_dist
 from kimi_core.checkpoint.cache import (
     CONVERTER_VERSION,
@@ -35,6 +35,7 @@ from kimi_core.checkpoint.cache import (
     lookup_conversion,
 )
 from kimi_core.checkpoint.safetensors_io import TensorReader, read_checkpoint_entries
+
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (dtype, shape and bytes)."""
@@ -149,8 +150,7 @@ def convert_stage(*, mode: Mode, src: str, dst: str, group_size: int = DEFAULT_G
         result = ConversionResult(mode, str(src_path), str(dst_path), cache_key, False, num_tensors,
                                   time.monotonic() - start)
         record = {**asdict(result), "converter_version": CONVERTER_VERSION, "options": options, "inputs": inputs}
-        (tmp / f"{RECORD_NAME}.tmp").write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp / f"{RECORD_NAME}.tmp", tmp / RECORD_NAME)
+        write_text_atomic(tmp / RECORD_NAME, json.dumps(record, indent=2) + "\n")
         old = dst_path.parent / f".{dst_path.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if dst_path.exists():

@@ -44,8 +44,8 @@ from kimi_core.checkpoint.keys import ModelLayout, TensorPlacement, place_from_m
 from kimi_core.checkpoint.safetensors_io import (
     INDEX_NAME, TensorReader, read_checkpoint_entries, write_index, write_streaming,
 )
+from kimi_core.run_state import TRACKER_FILENAME
 
-TRACKER_NAME = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 COMMON_KEY = "kimi_hf"
 SIDE_FILE_MAX_BYTES = 32 << 20
@@ -157,7 +157,7 @@ def convert_hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, *, rank: i
         dist_checkpointing.save(state, str(release),
                                 sharded_strategy=_StreamingTorchDistSave(loaders, thread_count=thread_count))
         if rank == 0:
-            (out_dir / TRACKER_NAME).write_text(RELEASE)
+            (out_dir / TRACKER_FILENAME).write_text(RELEASE)
         dist.barrier()
     return release
 
@@ -165,13 +165,13 @@ def convert_hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, *, rank: i
 def resolve_release_dir(ckpt_dir: str | Path) -> Path:
     """`{dir}/release` or `{dir}/iter_NNNNNNN` named by the tracker file, or `dir` itself."""
     ckpt_dir = Path(ckpt_dir)
-    tracker = ckpt_dir / TRACKER_NAME
+    tracker = ckpt_dir / TRACKER_FILENAME
     if tracker.is_file():
         tag = tracker.read_text().strip()
         return ckpt_dir / (tag if tag == RELEASE else f"iter_{int(tag):07d}")
     if (ckpt_dir / ".metadata").is_file():
         return ckpt_dir
-    raise ValueError(f"{ckpt_dir}: no {TRACKER_NAME} and no torch_dist .metadata")
+    raise ValueError(f"{ckpt_dir}: no {TRACKER_FILENAME} and no torch_dist .metadata")
 
 
 def read_torch_dist(ckpt_dir: str | Path, *, hf_config: dict | None = None

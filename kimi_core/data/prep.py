@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import fsspec
 
+from kimi_core.atomic import open_atomic
 from kimi_core.data import rows as rowfmt
 from kimi_core.data.rows import DataValidationError, RowKeys
 from kimi_core.data.sources import iter_records, source_format, source_sha256
-from kimi_core.data.stats import atomic_write_bytes, load_cached_stats, write_stats
+from kimi_core.data.stats import load_cached_stats, write_stats
 
 PREP_VERSION = "1"
 MAX_EXAMPLES = 5
@@ -213,7 +214,7 @@ def prepare_dataset(
 
     directory.mkdir(parents=True, exist_ok=True)
     records = iter_records(source, storage_options=storage_options)
-    with atomic_write_bytes(path, before_replace=lambda: stats_path.unlink(missing_ok=True)) as handle:
+    with open_atomic(path, before_replace=lambda: stats_path.unlink(missing_ok=True)) as handle:
         writer = _HashingWriter(handle)
         tally = _process(records, keys=keys, strict=on_error == "strict", count_tokens=count_tokens, writer=writer)
         writer.flush()

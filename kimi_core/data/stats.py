@@ -1,41 +1,20 @@
-"""Atomic file writes and the stats file that marks a prepared data set as done (the cache record)."""
+"""The stats file that marks a prepared data set as done (the cache record)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from kimi_core.atomic import open_atomic
 
 _CHUNK = 1 << 20
 
 
-@contextlib.contextmanager
-def atomic_write_bytes(path: Path, *, before_replace: Callable[[], None] | None = None) -> Iterator[IO[bytes]]:
-    """Yield a binary temp file beside `path`; on normal exit fsync it and rename it to `path`.
-
-    `before_replace` runs just before the rename (e.g. to drop a stale "done" marker). On an
-    exception the temp file is removed and `path` is left as it was.
-    """
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def write_stats(path: Path, stats: dict[str, Any]) -> None:
     """Write `stats` as indented JSON, atomically."""
-    with atomic_write_bytes(path) as handle:
+    with open_atomic(path) as handle:
         handle.write(json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from kimi_core import grpo
+from kimi_core.atomic import write_bytes_atomic
 from kimi_core.checkpoint.int4 import fake_quantize_int4
 from kimi_core.data import read_prepared
 from kimi_core.engines.base import ROLLOUT_METRICS_FILE, EngineInputs, EvalResult, RolloutResult
@@ -45,7 +46,6 @@ from kimi_core.run_state import (
     checkpoint_dir,
     commit_checkpoint,
     dataset_state_path,
-    write_bytes_atomic,
 )
 from kimi_core.tokenizer import KimiByteTokenizer
 

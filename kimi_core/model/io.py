@@ -1,7 +1,8 @@
-"""HF-format checkpoints: ``config.json`` + ``model.safetensors`` or sharded safetensors + index.
+"""Save and load the model as an HF-format checkpoint: ``config.json`` + safetensors.
 
-Sharded layout (as ``transformers`` writes it): ``model-00001-of-0000N.safetensors`` ... and
-``model.safetensors.index.json`` = ``{"metadata": {"total_size": bytes}, "weight_map": {key: file}}``.
+The directory layout (one ``model.safetensors``, or shards + ``model.safetensors.index.json``)
+is defined and read in ``kimi_core.checkpoint.hf``; tensors are read and the index written by
+``kimi_core.checkpoint.safetensors_io``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kimi_core.checkpoint.hf import SINGLE_NAME
+from kimi_core.checkpoint.safetensors_io import (
+    TensorReader,
+    read_checkpoint_entries,
+    write_index,
+)
 from kimi_core.model.config import ModelConfig, load_config
 from kimi_core.model.deepseek import KimiForCausalLM
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def save_pretrained(
@@ -41,7 +44,7 @@ def save_pretrained(
     shards = _plan_shards(state, max_shard_bytes=max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(state, str(out / SINGLE_FILE), metadata=metadata)
+        save_file(state, str(out / SINGLE_NAME), metadata=metadata)
         return out
     weight_map: dict[str, str] = {}
     for i, keys in enumerate(shards, start=1):
@@ -49,8 +52,7 @@ def save_pretrained(
         save_file({k: state[k] for k in keys}, str(out / name), metadata=metadata)
         weight_map.update({k: name for k in keys})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_index(out, weight_map, total)
     return out
 
 
@@ -68,28 +70,13 @@ def _plan_shards(state: dict[str, torch.Tensor], *, max_shard_bytes: int) -> lis
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read all tensors of a single-file or sharded checkpoint directory."""
-    root = Path(path)
-    if (root / SINGLE_FILE).is_file():
-        return _read_safetensors(root / SINGLE_FILE)
-    index_file = root / INDEX_FILE
-    if not index_file.is_file():
-        raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {root}")
-    weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (root / shard).is_file():
-            raise ValueError(f"shard {shard} named in {index_file} is missing")
-        state.update(_read_safetensors(root / shard))
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise ValueError(f"{index_file} maps keys not found in their shards: {missing[:10]}")
-    return state
+    """Read all tensors of a single-file or sharded checkpoint directory.
 
-
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(file), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}
+    The directory is read by `kimi_core.checkpoint.safetensors_io.read_checkpoint_entries`
+    (ValueError for a missing shard or an index that contradicts its shards).
+    """
+    with TensorReader() as reader:
+        return {key: reader.read(entry) for key, entry in read_checkpoint_entries(path).items()}
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> KimiForCausalLM:

@@ -6,6 +6,7 @@ import posixpath
 from dataclasses import dataclass
 
 from kimi_core.recipe.sections import RUN_DIR, Recipe
+from kimi_core.run_state import CHECKPOINTS_DIR, run_path
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def layers_per_stage(num_layers: int, pipeline: int, last: int | None) -> tuple[
 
 
 def eval_schedule(*, num_rollout: int, interval: int | None) -> tuple[int, ...]:
-    """Rollout ids after which eval runs: `(rollout_id + 1) % interval == 0` (DESIGN §4)."""
+    """Rollout ids after which eval runs: `(rollout_id + 1) % interval == 0` (docs/design.md §4)."""
     if interval is None:
         return ()
     return tuple(r for r in range(num_rollout) if (r + 1) % interval == 0)
@@ -94,12 +95,13 @@ def plan_run(recipe: Recipe, *, dataset_rows: int | None = None) -> RunPlan:
 def resolve_path(recipe: Recipe, value: str, *, run_name: str | None = None) -> str:
     """A recipe path made concrete: URLs and absolute paths as given, others under `cluster.base_dir`.
 
-    `checkpoint.save: run_dir` becomes `{base_dir}/runs/{run_name}/checkpoints`. Without a base dir
+    `checkpoint.save: run_dir` becomes the run's checkpoints dir (`kimi_core.run_state.run_path`,
+    `{base_dir}/runs/{run_name}/checkpoints`). Without a base dir
     the result keeps a visible `<base_dir>` placeholder (for display only).
     """
     base = recipe.cluster.base_dir or "<base_dir>"
     if value == RUN_DIR:
-        return posixpath.join(base, "runs", run_name or "<run_name>", "checkpoints")
+        return run_path(base, run_name or "<run_name>", CHECKPOINTS_DIR)
     if "://" in value or value.startswith("/") or value.startswith("build:"):
         return value
     return posixpath.join(base, value)

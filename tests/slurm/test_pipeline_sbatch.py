@@ -16,12 +16,13 @@ import psutil
 import pytest
 
 from flows.cli import SBATCH_FILENAME, main
+from kimi_core.exit_codes import REQUEUE_EXIT
 from kimi_core.recipe import BASE_DIR_ENV, load_recipe
 from kimi_core.run_state import RunPaths, latest_checkpoint
 from kimi_core.runtime.manifest import Manifest
 from slurm.executors import cancel_jobs, sbatch_script, slurm_job_state
 from slurm.from_recipe import training_job_request
-from slurm.render import PIPELINE_REQUEUE_EXIT, render_pipeline_sbatch
+from slurm.render import render_pipeline_sbatch
 from slurm.requests import SlurmJobRequest
 from tests.slurm.test_local_cluster import TERMINAL, wait_until
 from tests.slurm.test_render import GOLDEN_DIR, assert_matches_golden
@@ -85,9 +86,11 @@ def test_h200_script_carries_the_recipe_and_profile() -> None:
 
 
 def test_requeue_exit_matches_the_driver() -> None:
-    from kimi_core.exit_codes import REQUEUE_EXIT
-
-    assert PIPELINE_REQUEUE_EXIT == REQUEUE_EXIT
+    """The script requeues on `kimi_core.exit_codes.REQUEUE_EXIT`, the status the driver exits with."""
+    script = render_pipeline_sbatch(local_request(), recipe_path="r.yaml", run_name="r", base_dir="b",
+                                    cluster_profile=None, overrides=[])
+    assert f"REQUEUE_EXIT={REQUEUE_EXIT}" in script.splitlines()
+    assert "((rc == REQUEUE_EXIT))" in script
 
 
 def local_request(**fields: object) -> SlurmJobRequest:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kimi_core import run_state
+from kimi_core import atomic, run_state
+from kimi_core.atomic import write_bytes_atomic
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.run_state import (
     CheckpointError,
@@ -23,7 +24,6 @@ from kimi_core.run_state import (
     commit_checkpoint,
     dataset_state_path,
     latest_checkpoint,
-    write_bytes_atomic,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +49,9 @@ def test_run_paths_layout(tmp_path: Path) -> None:
     assert paths.manifest.name == "manifest.json"
     assert paths.mlflow_db == tmp_path.resolve() / "mlflow.db"
     assert paths.tracker == paths.run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    assert paths.slurm == paths.run_dir / "slurm"
+    assert str(paths.checkpoints) == run_state.run_path(str(tmp_path.resolve()), "my_run.1", "checkpoints")
+    assert run_state.run_path("<base_dir>", "<run_name>", "slurm") == "<base_dir>/runs/<run_name>/slurm"
     assert checkpoint_dir(paths, 19).name == "iter_0000019"
     assert dataset_state_path(paths, 19) == (
         paths.run_dir / "checkpoints" / "rollout" / "global_dataset_state_dict_19.pt"
@@ -119,7 +122,7 @@ def test_manifest_write_is_atomic_on_failure(paths: RunPaths, monkeypatch) -> No
     def crash(src, dst):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(run_state.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         manifest.record_stage("x", cache_key="k", result=1)
     assert paths.manifest.read_bytes() == before
@@ -210,7 +213,8 @@ def test_commit_rejects_foreign_dir(paths: RunPaths, tmp_path: Path) -> None:
 _SAVER = textwrap.dedent(
     """
     import sys, time
-    from kimi_core.run_state import RunPaths, begin_checkpoint, commit_checkpoint, write_bytes_atomic
+    from kimi_core.atomic import write_bytes_atomic
+    from kimi_core.run_state import RunPaths, begin_checkpoint, commit_checkpoint
     from kimi_core.run_state import dataset_state_path
     paths = RunPaths.of(sys.argv[1], "run-a").ensure()
     tmp = begin_checkpoint(paths, 0)
