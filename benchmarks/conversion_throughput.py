@@ -70,7 +70,7 @@ def main() -> None:
         _, status, usage = os.wait4(child.pid, 0)
         if status != 0:
             raise SystemExit(f"conversion failed:\n{err[-3000:]}")
-        fields = dict(f.split("=") for f in next(l for l in out.splitlines() if l.startswith("CHILD")).split()[1:])
+        fields = dict(f.split("=") for f in next(line for line in out.splitlines() if line.startswith("CHILD")).split()[1:])
         convert_s = float(fields["seconds"])
         peak_rss_gb = usage.ru_maxrss * 1024 / 1e9
         import_rss_gb = float(fields["rss_after_import_kb"]) * 1024 / 1e9

@@ -16,8 +16,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from kimi_core.data import prepare_dataset  # noqa: E402
-from kimi_core.data.rows import orjson  # noqa: E402
+from kimi_core.data import prepare_dataset
+from kimi_core.data.rows import orjson
 
 GOAL_S = 3.0
 RELATIVE = Path("dapo-math-17k") / "dapo-math-17k.jsonl"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kimi_core.rewards import deepscaler_reward, start_grader  # noqa: E402
+from kimi_core.rewards import deepscaler_reward, start_grader
 
 FILLER = "Let x be the unknown. We expand, simplify and check the cases carefully. "
 SYMBOLIC_PAIRS = [  # (answer, label) equal only up to algebra

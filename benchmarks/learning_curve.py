@@ -37,15 +37,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from kimi_core.data import prepare_dataset  # noqa: E402
-from kimi_core.engines.local import EngineInputs, LocalEngine  # noqa: E402
-from kimi_core.model.warmup import build_base_model  # noqa: E402
-from kimi_core.engines.base import EvalResult, RolloutResult  # noqa: E402
-from kimi_core.recipe import Recipe, load_recipe, plan_run  # noqa: E402
-from kimi_core.run_state import RunPaths  # noqa: E402
-from kimi_core.runtime.loop import RolloutLoop, StopRequest  # noqa: E402
+from kimi_core.data import prepare_dataset
+from kimi_core.engines.base import EvalResult, RolloutResult
+from kimi_core.engines.local import EngineInputs, LocalEngine
+from kimi_core.model.warmup import build_base_model
+from kimi_core.recipe import Recipe, load_recipe, plan_run
+from kimi_core.run_state import RunPaths
+from kimi_core.runtime.loop import RolloutLoop, StopRequest
 
 
 def base_model(recipe: Recipe, workdir: Path) -> tuple[Path, float, bool]:

@@ -50,7 +50,6 @@ Last line: `RESULT flow_s=<a> bare_s=<b> ratio=<a/b> startup_s=<c>`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -69,14 +68,14 @@ sys.path.insert(0, str(REPO_ROOT))
 # session sets torch's thread count: the bare loop gets the same settings.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-from kimi_core import stages  # noqa: E402
-from kimi_core.engines.base import EvalResult, RolloutResult  # noqa: E402
-from kimi_core.recipe import Recipe, load_recipe, plan_run  # noqa: E402
-from kimi_core.run_state import RunPaths  # noqa: E402
-from kimi_core.runtime.loop import RolloutLoop  # noqa: E402
-from kimi_core.runtime.manifest import Manifest  # noqa: E402
-from kimi_core.runtime.recording import STEP_TIME_METRIC  # noqa: E402
-from kimi_core.runtime.session import THREADS_ENV  # noqa: E402
+from kimi_core import stages
+from kimi_core.engines.base import EvalResult, RolloutResult
+from kimi_core.recipe import Recipe, load_recipe, plan_run
+from kimi_core.run_state import RunPaths
+from kimi_core.runtime.loop import RolloutLoop
+from kimi_core.runtime.manifest import Manifest
+from kimi_core.runtime.recording import STEP_TIME_METRIC
+from kimi_core.runtime.session import THREADS_ENV
 
 RECIPE = "configs/local.yaml"
 ENGINE_METRICS = ("perf/rollout_time", "perf/train_time")

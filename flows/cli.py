@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,17 @@ from rich.console import Console
 from rich.table import Table
 
 from kimi_core.exit_codes import INVALID_INPUT, RUN_FAILED
-from kimi_core.recipe import BASE_DIR_ENV, Recipe, RecipeError, RunPlan, load_recipe, plan_run, recipe_to_dict, resolve_path
+from kimi_core.recipe import (
+    BASE_DIR_ENV,
+    Recipe,
+    RecipeError,
+    RunPlan,
+    load_recipe,
+    plan_run,
+    recipe_to_dict,
+    resolve_path,
+)
+from kimi_core.run_state import SLURM_DIR, run_path
 
 console = Console()
 err_console = Console(stderr=True)
@@ -118,7 +129,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     recipe = _load(args)
     if args.what == "miles-args":
-        from kimi_core.miles_args import render_miles_args
+        from kimi_core.miles_args import render_miles_args  # noqa: PLC0415 - each command imports what it renders
 
         sys.stdout.write(render_miles_args(recipe, run_name=args.run_name))
         return 0
@@ -147,7 +158,7 @@ def _slurm_run(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str, str]
         raise RecipeError(args.recipe, problems)
     assert c.base_dir is not None
     run_name = args.run_name or recipe.name
-    return run_name, c.base_dir, f"{c.base_dir.rstrip('/')}/runs/{run_name}/slurm"
+    return run_name, c.base_dir, run_path(c.base_dir, run_name, SLURM_DIR)
 
 
 def _driver_args(args: argparse.Namespace, run_name: str, base_dir: str) -> dict[str, object]:
@@ -157,8 +168,8 @@ def _driver_args(args: argparse.Namespace, run_name: str, base_dir: str) -> dict
 
 def _pipeline_script(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str]:
     """The pipeline sbatch script of the recipe and the run's slurm/ dir."""
-    from slurm.from_recipe import training_job_request
-    from slurm.render import render_pipeline_sbatch
+    from slurm.from_recipe import training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
+    from slurm.render import render_pipeline_sbatch  # noqa: PLC0415
 
     run_name, base_dir, slurm_dir = _slurm_run(args, recipe)
     try:
@@ -172,11 +183,9 @@ def _pipeline_script(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str
 
 def _ray_up_script(args: argparse.Namespace, recipe: Recipe) -> str:
     """Ray bring-up across the allocation with the fallback driver as the payload."""
-    import shlex
-
-    from slurm.from_recipe import training_job_request
-    from slurm.render import fallback_driver_args, render_ray_up
-    from slurm.requests import RayPorts
+    from slurm.from_recipe import training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
+    from slurm.render import fallback_driver_args, render_ray_up  # noqa: PLC0415
+    from slurm.requests import RayPorts  # noqa: PLC0415
 
     run_name, base_dir, slurm_dir = _slurm_run(args, recipe)
     payload = shlex.join([args.python, "-m", "kimi_core.runtime.fallback",
@@ -190,7 +199,7 @@ def _ray_up_script(args: argparse.Namespace, recipe: Recipe) -> str:
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    from slurm.executors import sbatch_script
+    from slurm.executors import sbatch_script  # noqa: PLC0415 - `validate` needs no Slurm modules
 
     recipe = _load(args)
     script, slurm_dir = _pipeline_script(args, recipe)
@@ -240,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
-    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure in one line
+    except Exception as exc:
         err_console.print(f"[red]run failed[/red]: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         return RUN_FAILED
     if summary.skipped:
@@ -252,8 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kimi_core.runtime.status import run_status
-    from kimi_core.run_state import RunPaths
+    from kimi_core.run_state import RunPaths  # noqa: PLC0415 - `validate` needs no run state
+    from kimi_core.runtime.status import run_status  # noqa: PLC0415
 
     base_dir = args.base_dir or os.environ.get(BASE_DIR_ENV) or ".kimi-grpo"
     paths = RunPaths.of(base_dir, args.name)

@@ -58,6 +58,6 @@ def kimi_k25_grpo(
         # Nothing of the run keeps running; its checkpoints and manifest stay for a resume.
         try:
             abort(ctx, handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        except Exception as cleanup:  # noqa: BLE001 - report, but keep the run's own error
+        except Exception as cleanup:
             console.print(f"clean-up after the failure failed too: {cleanup}", style="red", markup=False)
         raise

@@ -83,7 +83,7 @@ def load_hook(spec: str) -> FaultHook:
 
 def _env_hook() -> FaultHook | None:
     """The hook named by `$KIMI_GRPO_FAULT_HOOK`, imported on first use and cached."""
-    global _from_env
+    global _from_env  # noqa: PLW0603 - the process's one hook from the environment, loaded once
     spec = os.environ.get(FAULT_HOOK_ENV, "")
     if not spec:
         return None

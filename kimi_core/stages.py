@@ -17,11 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kimi_core.data import PREP_VERSION, prepare_dataset
+from kimi_core.atomic import write_text_atomic
 from kimi_core.checkpoint.cache import Mode, cached_conversion
 from kimi_core.checkpoint.hf import verify_hf_checkpoint
+from kimi_core.data import PREP_VERSION, prepare_dataset
 from kimi_core.recipe import Recipe, resolve_path
-from kimi_core.run_state import TRACKER_FILENAME, RunPaths, write_text_atomic
+from kimi_core.run_state import TRACKER_FILENAME, RunPaths
 from kimi_core.tokenizer import KimiByteTokenizer
 
 BUILD_PREFIX = "build:"
@@ -77,7 +78,7 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
         info = verify_hf_checkpoint(target)
         return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False, "cached": True,
                 **json.loads(marker.read_text())}
-    from kimi_core.model.warmup import build_base_model  # torch: only when the model is built
+    from kimi_core.model.warmup import build_base_model  # noqa: PLC0415 - torch only when the model is built
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

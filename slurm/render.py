@@ -15,6 +15,8 @@ from kimi_core.exit_codes import REQUEUE_EXIT
 from slurm.requests import RayPorts, SlurmJobRequest, sbatch_options
 
 _PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
+DEFAULT_RAY_PORTS = RayPorts()
+"""The pinned defaults of `RayPorts` (frozen: safe as a shared default)."""
 DEFAULT_RAY_TEMP_DIR = "/tmp/ray-$(id -u)-$SLURM_JOB_ID"
 """Per-user, per-job and short: Ray's unix socket paths must stay under ~107 bytes."""
 
@@ -51,7 +53,7 @@ def render_ray_up(
     *,
     payload_command: str,
     num_cpus_per_node: int | None = None,
-    ports: RayPorts = RayPorts(),
+    ports: RayPorts = DEFAULT_RAY_PORTS,
     temp_dir: str = DEFAULT_RAY_TEMP_DIR,
     readiness_timeout_s: int = 900,
     python: str = "python3",

@@ -11,6 +11,6 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry when the failure is transient, never for permanent ones."""
     try:
         state.result()
-    except BaseException as exc:  # noqa: BLE001 - classify whatever the task raised
+    except BaseException as exc:
         return is_transient(exc)
     return False

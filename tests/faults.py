@@ -73,7 +73,7 @@ def _fire_once(name: str, point: str, env: str, *, rollout_id: int, run_dir: Pat
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class raise_once:  # noqa: N801 - used like a function: `fault_hook(raise_once("save.mid", 2))`
+class raise_once:
     """In-process hook: raise `InjectedFault` the first time `point` is reached for `rollout_id`."""
 
     def __init__(self, point: str, rollout_id: int):

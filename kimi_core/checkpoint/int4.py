@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 
 from kimi_core.checkpoint.safetensors_io import (
-    INDEX_NAME, TensorEntry, TensorReader, read_checkpoint_entries, write_index, write_streaming,
+    INDEX_NAME,
+    TensorEntry,
+    TensorReader,
+    read_checkpoint_entries,
+    write_index,
+    write_streaming,
 )
 
 QMAX = 7

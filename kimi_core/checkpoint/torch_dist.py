@@ -26,11 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
-from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
@@ -38,11 +33,20 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from kimi_core.checkpoint.cpu_compat import megatron_on_cpu
 from kimi_core.checkpoint.keys import ModelLayout, TensorPlacement, place_from_megatron, place_hf_tensors
 from kimi_core.checkpoint.safetensors_io import (
-    INDEX_NAME, TensorReader, read_checkpoint_entries, write_index, write_streaming,
+    INDEX_NAME,
+    TensorReader,
+    read_checkpoint_entries,
+    write_index,
+    write_streaming,
 )
 from kimi_core.run_state import TRACKER_FILENAME
 
@@ -59,7 +63,7 @@ class _LazyPlanner(MCoreSavePlanner):
         super().__init__(**kwargs)
         self._loaders = loaders
 
-    def resolve_data(self, write_item):  # noqa: ANN001, ANN201 (torch planner signature)
+    def resolve_data(self, write_item):
         loader = self._loaders.get((write_item.index.fqn, tuple(write_item.index.offset or ())))
         if loader is None:
             return super().resolve_data(write_item)
@@ -73,7 +77,7 @@ class _StreamingTorchDistSave(TorchDistSaveShardedStrategy):
         super().__init__("torch_dist", 1, thread_count=thread_count)
         self._loaders = loaders
 
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:  # noqa: ANN001
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
         state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         writer = dcp.FileSystemWriter(checkpoint_dir, thread_count=self.thread_count)
         planner = _LazyPlanner(self._loaders, dedup_replicated_tensors=False, flatten_state_dict=False)
@@ -215,7 +219,7 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
             items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
         return LoadPlan(items)
 
-    def resolve_tensor(self, read_item):  # noqa: ANN001, ANN201 (torch planner signature)
+    def resolve_tensor(self, read_item):
         buffer = self._requests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
         return narrow_tensor_by_index(buffer, read_item.dest_offsets, read_item.lengths)
 

@@ -107,7 +107,7 @@ def _iter_jsonl(source: str, storage_options: dict[str, Any] | None) -> Iterator
 
 
 def _iter_parquet(source: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - pyarrow (slow import) only for parquet sources
 
     with _open(source, storage_options, compression=None) as handle:
         try:

@@ -102,7 +102,7 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a HF config.json dict; unknown keys are ignored (kept in ``extra``).
 
         Accepts both the legacy ``rope_theta`` + ``rope_scaling`` layout and the transformers-5

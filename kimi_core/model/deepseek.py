@@ -89,7 +89,7 @@ class KimiForCausalLM(nn.Module):
                 module.e_score_correction_bias.zero_()
 
     @contextmanager
-    def frozen_weights(self) -> Iterator["KimiForCausalLM"]:
+    def frozen_weights(self) -> Iterator[KimiForCausalLM]:
         """Within the block, no-grad forwards use decode-friendly copies of the weights:
         pre-transposed and fused projections (gate|up, q_a|kv_a), MLA with ``W_uk``/``W_uv``
         absorbed into the query/output projections (cached calls), stacked routed experts.

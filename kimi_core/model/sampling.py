@@ -88,7 +88,7 @@ class _Rows:
     live: list[int]
 
     @classmethod
-    def empty(cls, n: int) -> "_Rows":
+    def empty(cls, n: int) -> _Rows:
         return cls([[] for _ in range(n)], [[] for _ in range(n)], [False] * n, list(range(n)))
 
     def record(self, next_ids: torch.Tensor, next_logp: torch.Tensor, *, stop: frozenset[int]) -> list[int]:

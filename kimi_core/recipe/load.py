@@ -43,7 +43,7 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(str(path), [f"{what} file not found: {path}"])
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise RecipeError(str(path), [f"not valid YAML: {err}"]) from None
     if not isinstance(data, dict):
@@ -96,7 +96,7 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
         raise RecipeError("--set", [f"{assignment!r}: expected section.key=value"])
     parts = key.strip().split(".")
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None  # noqa: S506 - a SafeLoader
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise RecipeError("--set", [f"{key}: value {raw!r} is not valid YAML: {err}"]) from None
     node = data

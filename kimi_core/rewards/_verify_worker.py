@@ -19,8 +19,8 @@ def main() -> None:
     # Keep the protocol channel private: anything a library prints goes to stderr.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    import sympy
-    from sympy.parsing import sympy_parser
+    import sympy  # noqa: PLC0415 - after stdout is redirected: sympy's import must not write to the protocol pipe
+    from sympy.parsing import sympy_parser  # noqa: PLC0415
 
     transformations = sympy_parser.standard_transformations + (sympy_parser.implicit_multiplication_application,)
 

@@ -154,7 +154,7 @@ class SymbolicChecker:
         with self._lock:
             deadline = time.monotonic() + timeout_s
             request = json.dumps([gold, given]) + "\n"
-            for attempt in range(2):
+            for _attempt in range(2):
                 worker = self._ready_worker()
                 reply = worker.read_line(deadline) if worker.send(request) else _Read.DIED
                 if isinstance(reply, str):
@@ -223,7 +223,7 @@ _default_lock = threading.Lock()
 
 def default_checker() -> SymbolicChecker:
     """The process-wide checker, created on first use and stopped at exit."""
-    global _default
+    global _default  # noqa: PLW0603 - the process-wide checker, created once
     with _default_lock:
         if _default is None:
             _default = SymbolicChecker()

@@ -16,13 +16,13 @@ class SessionLost(RuntimeError):
 def _transient_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     try:
-        import ray.exceptions as rex
+        import ray.exceptions as rex  # noqa: PLC0415 - classifying needs no Ray in processes that have none loaded
 
         types += [rex.GetTimeoutError, rex.RaySystemError, rex.ObjectLostError, rex.NodeDiedError]
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
     try:
-        from submitit.core.utils import UncompletedJobError
+        from submitit.core.utils import UncompletedJobError  # noqa: PLC0415 - as above
 
         types.append(UncompletedJobError)
     except ImportError:  # pragma: no cover
@@ -62,9 +62,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (PermanentFailure, SessionLost)):
         return False
     try:
-        from submitit.core.utils import FailedJobError
+        from submitit.core.utils import FailedJobError  # noqa: PLC0415 - as above
     except ImportError:  # pragma: no cover - submitit is a dependency
-        FailedJobError = ()  # type: ignore[assignment]  # noqa: N806
+        FailedJobError = ()  # type: ignore[assignment]
     if isinstance(exc, FailedJobError):
         return job_error_class(str(exc)) in _TRANSIENT_IN_JOB
     if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET):

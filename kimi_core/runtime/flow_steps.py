@@ -33,8 +33,8 @@ from kimi_core.runtime.ray_local import (
     worker_port_range,
 )
 from kimi_core.runtime.recording import RunRecorder
-from kimi_core.runtime.status import RunSummary
 from kimi_core.runtime.session import ActorSession, attach_actor, connect, engine_threads, lookup_actor
+from kimi_core.runtime.status import RunSummary
 
 NAMESPACE = "kimi-grpo"
 BRING_UP = "bring_up_cluster"
@@ -237,7 +237,7 @@ def _release(ledger: RunLedger, handle: SessionHandle | None) -> None:
     if handle is not None and ray.is_initialized():
         try:
             ray.kill(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE))
-        except Exception as exc:  # noqa: BLE001 - the actor or its cluster may be gone already
+        except Exception as exc:
             console.print(f"engine actor not stopped ({type(exc).__name__}: {exc}); its Ray head is stopped next",
                           markup=False)
     if ray.is_initialized():

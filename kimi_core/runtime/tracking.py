@@ -312,7 +312,7 @@ class RunTracker:
         return written
 
     def _plot(self, keys: Sequence[str], path: Path, *, title: str) -> None:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+        from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only when a run ends; no pyplot: no global state
 
         fig = Figure(figsize=(7, 4), dpi=100)
         ax = fig.subplots()

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from kimi_core.checkpoint.int4 import (
-    dequantize_checkpoint_to_bf16, fake_quantize_int4, pack_int4, quantize_checkpoint_int4, unpack_int4,
+    dequantize_checkpoint_to_bf16,
+    fake_quantize_int4,
+    pack_int4,
+    quantize_checkpoint_int4,
+    unpack_int4,
 )
 from tests.checkpoint.helpers import bitwise_equal, load_dir
 

@@ -14,7 +14,10 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from kimi_core.checkpoint.cpu_compat import megatron_on_cpu
 from kimi_core.checkpoint.torch_dist import (
-    convert_hf_to_torch_dist, convert_torch_dist_to_hf, partition, process_group,
+    convert_hf_to_torch_dist,
+    convert_torch_dist_to_hf,
+    partition,
+    process_group,
 )
 from tests.checkpoint.helpers import bitwise_equal, convert_worker, load_dir
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from kimi_core.data import prepare_dataset, read_prepared
 
 

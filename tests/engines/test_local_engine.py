@@ -18,14 +18,13 @@ from kimi_core.checkpoint.int4 import fake_quantize_int4
 from kimi_core.data import read_prepared
 from kimi_core.engines.base import ROLLOUT_METRICS_FILE
 from kimi_core.engines.local import QATView, eval_generator
-from kimi_core.faults import FAULT_HOOK_ENV
 from kimi_core.engines.rollout import SamplingSpec, sample_groups
-from kimi_core.model.warmup import build_base_model, warmup_loss
+from kimi_core.faults import FAULT_HOOK_ENV, fault_hook
 from kimi_core.model.io import load_model, load_state_dict
+from kimi_core.model.warmup import build_base_model, warmup_loss
 from kimi_core.rewards import score_batch
 from kimi_core.run_state import checkpoint_dir, cleanup_incomplete, dataset_state_path, latest_checkpoint
 from tests.engines.conftest import EVAL_SET, REPO, SMALL, small_recipe
-from kimi_core.faults import fault_hook
 from tests.faults import AT_SAVE_ENV, InjectedFault, chain, raise_once
 
 

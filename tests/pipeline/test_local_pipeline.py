@@ -21,9 +21,9 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kimi_core.runtime.ray_local import RayHead, stop_local_ray_head
 from kimi_core.run_state import RunPaths, latest_checkpoint
 from kimi_core.runtime.manifest import Manifest
+from kimi_core.runtime.ray_local import RayHead, stop_local_ray_head
 from tests.pipeline.conftest import CLI, REPO, SMALL, cli_env, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from kimi_core.recipe import RecipeError, load_profile, load_recipe, plan_run, recipe_hash
 from kimi_core.recipe.sections import SECTIONS
@@ -182,7 +183,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_recipe_is_frozen() -> None:
     recipe = load_recipe(K25)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         recipe.rollout.num_rollout = 3  # type: ignore[misc]
 
 

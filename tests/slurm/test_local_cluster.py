@@ -6,9 +6,9 @@ Start it with tests/slurm/start-local-slurm.sh; without it these tests skip.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
-import operator
 import subprocess
 import sys
 import time
@@ -21,8 +21,7 @@ import psutil
 import pytest
 import submitit
 
-from slurm.executors import (cancel_jobs, make_executor, sbatch_script, slurm_job_state,
-                             submit_or_reattach)
+from slurm.executors import cancel_jobs, make_executor, sbatch_script, slurm_job_state, submit_or_reattach
 from slurm.render import render_conversion_job, render_ray_up
 from slurm.requests import RayPorts, SlurmJobRequest
 

@@ -18,7 +18,7 @@ def _lost_connection() -> None:
     raise ConnectionResetError("peer reset the connection")
 
 
-def _job_error(fn, tmp_path: Path) -> BaseException:  # noqa: ANN001
+def _job_error(fn, tmp_path: Path) -> BaseException:
     executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
     executor.update_parameters(timeout_min=2)
     job = executor.submit(fn)

@@ -14,7 +14,6 @@ import pytest
 
 from kimi_core import atomic, run_state
 from kimi_core.atomic import write_bytes_atomic
-from kimi_core.runtime.manifest import Manifest
 from kimi_core.run_state import (
     CheckpointError,
     RunPaths,
@@ -25,6 +24,7 @@ from kimi_core.run_state import (
     dataset_state_path,
     latest_checkpoint,
 )
+from kimi_core.runtime.manifest import Manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
