@@ -1,4 +1,4 @@
-"""GRPO math as pure functions on tensors (the miles semantics, DESIGN §7).
+"""GRPO math as pure functions on tensors (the miles semantics, docs/design.md §7).
 
 Shapes: G prompt groups, n samples per prompt, B = G*n sequences, T response tokens.
 Per-token tensors are [B, T] with a {0,1} loss mask of the same shape.
@@ -92,23 +92,6 @@ def low_var_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """
     d = torch.clamp(logp_ref - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.clamp(torch.exp(d) - 1.0 - d, -KL_CLAMP, KL_CLAMP)
-
-
-def approx_kl(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`ppo_kl`: the k1 estimate `mean(logp_old - logp)` over masked tokens (miles aggregation).
-
-    Inputs [B, T]; returns a scalar (token mean per sequence, then mean over sequences).
-    """
-    return aggregate(logp_old - logp, mask, per_token_loss=False)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution over the last dim: `H = -sum p log p`.
-
-    `logits` [B, T, V] -> [B, T]; computed in float32 from log-softmax (stable for large logits).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, per_token_loss: bool) -> torch.Tensor:

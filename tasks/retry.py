@@ -1,4 +1,4 @@
-"""Retry policy shared by the tasks: only transient failures are retried (DESIGN §4)."""
+"""Retry policy shared by the tasks: only transient failures are retried (docs/design.md §4)."""
 
 from __future__ import annotations
 

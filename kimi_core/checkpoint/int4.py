@@ -1,6 +1,6 @@
 """INT4 weight quantization of routed experts (QAT fake-quant, compressed-tensors packing).
 
-Per row, in groups of `group_size` along the input dim (DESIGN §8):
+Per row, in groups of `group_size` along the input dim (docs/design.md §8):
     scale = max(max|w_group| / 7, 1e-5)        rounded to the weight dtype (it is stored so)
     q     = clamp(round(w / scale), -7, 7)      computed in fp32
     dq    = q * scale                           computed in fp32, cast to the weight dtype

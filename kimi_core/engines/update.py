@@ -68,7 +68,7 @@ def build_batch(
 
 
 def grpo_loss(policy: nn.Module, batch: TrainBatch, idx: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of samples `idx` and its statistics (DESIGN §7)."""
+    """The loss of samples `idx` and its statistics (docs/design.md §7)."""
     seqs = [batch.sequences[i] for i in idx.tolist()]
     lens = [batch.prompt_lens[i] for i in idx.tolist()]
     logp, mask, entropy = token_logprobs(policy, seqs, lens, with_entropy=spec.entropy_coef > 0)

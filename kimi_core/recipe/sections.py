@@ -144,7 +144,7 @@ class RolloutSection(Section):
 
 
 class GrpoSection(Section):
-    """The GRPO objective (miles semantics, DESIGN §7)."""
+    """The GRPO objective (miles semantics, docs/design.md §7)."""
 
     advantage_estimator: Literal["grpo"] = "grpo"
     eps_clip: float = Field(default=0.2, gt=0)

@@ -1,8 +1,11 @@
-"""Failure classes (DESIGN §4): transient failures are retried; permanent ones stop the run."""
+"""Failure classes (docs/design.md §4): transient failures are retried; permanent ones stop the run."""
 
 from __future__ import annotations
 
 import errno
+
+# At import: importing submitit reconfigures logging, which must not happen while tasks log.
+from submitit.core.utils import FailedJobError, UncompletedJobError
 
 
 class PermanentFailure(RuntimeError):
@@ -21,12 +24,7 @@ def _transient_types() -> tuple[type[BaseException], ...]:
         types += [rex.GetTimeoutError, rex.RaySystemError, rex.ObjectLostError, rex.NodeDiedError]
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
-    try:
-        from submitit.core.utils import UncompletedJobError  # noqa: PLC0415 - as above
-
-        types.append(UncompletedJobError)
-    except ImportError:  # pragma: no cover
-        pass
+    types.append(UncompletedJobError)
     return tuple(types)
 
 
@@ -61,10 +59,6 @@ def is_transient(exc: BaseException) -> bool:
     """
     if isinstance(exc, (PermanentFailure, SessionLost)):
         return False
-    try:
-        from submitit.core.utils import FailedJobError  # noqa: PLC0415 - as above
-    except ImportError:  # pragma: no cover - submitit is a dependency
-        FailedJobError = ()  # type: ignore[assignment]
     if isinstance(exc, FailedJobError):
         return job_error_class(str(exc)) in _TRANSIENT_IN_JOB
     if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET):

@@ -31,8 +31,9 @@ LOCAL_POLL_S = 0.1
 class JobLauncher(Protocol):
     """Submits one stage's job, or re-attaches to an earlier attempt's job of it."""
 
-    #: Jobs go to Slurm: their ids are recorded in the run manifest (and MLflow's `slurm_job_ids`).
-    on_slurm: bool
+    @property
+    def on_slurm(self) -> bool:
+        """Jobs go to Slurm: their ids are recorded in the run manifest (and MLflow's `slurm_job_ids`)."""
 
     def launch(self, stage: str, fn: Callable[..., dict[str, Any]], *args: Any,
                reattach_to: str | None) -> Job[dict[str, Any]]: ...

@@ -8,6 +8,7 @@ twice. In the flow it lives in a detached, named Ray actor (`attach_actor`), dri
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -99,7 +100,7 @@ def connect(address: str, namespace: str) -> None:
 
         os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
         ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
     _connected_to = address
 
 

@@ -1,4 +1,4 @@
-"""MLflow tracking for one training run (DESIGN §10), through `MlflowClient` with explicit run ids.
+"""MLflow tracking for one training run (docs/design.md §10), through `MlflowClient` with explicit run ids.
 
 One MLflow run per training run: created once, reopened by id on every resume (the id lives in
 the run manifest). Params are the flattened resolved recipe, logged once and never changed.
