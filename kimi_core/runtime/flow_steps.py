@@ -11,6 +11,8 @@ registry, `LIVE`, so the tasks of one flow run reuse them.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,13 +29,14 @@ from kimi_core.runtime.ray_local import (
     LeaseKeeper,
     RayHead,
     free_port,
+    ray_env,
     short_temp_dir,
     start_local_ray_head,
     stop_local_ray_head,
     worker_port_range,
 )
 from kimi_core.runtime.recording import RunRecorder
-from kimi_core.runtime.session import ActorSession, attach_actor, connect, engine_threads, lookup_actor
+from kimi_core.runtime.session import ActorSession, attach_actor, engine_threads, lookup_actor
 from kimi_core.runtime.status import RunSummary
 
 NAMESPACE = "kimi-grpo"
@@ -106,7 +109,7 @@ def release_recorded_head(ledger: RunLedger) -> None:
 class LiveObjects:
     """The live objects of the runs this process drives — the one process-wide registry.
 
-    Rollout loops by session handle: a task called again in the same process (the next rollout,
+    The Ray connection (`ray.init` is per process). Rollout loops by session handle: a task called again in the same process (the next rollout,
     a retry) reuses the ledger, MLflow client and actor handle; a task in another process rebuilds
     them from the run directory and MLflow. Lease keepers by lease file: this process touches the
     lease of every Ray head it brought up for as long as it lives.
@@ -115,7 +118,36 @@ class LiveObjects:
     def __init__(self) -> None:
         self._loops: dict[SessionHandle, RolloutLoop] = {}
         self._leases: dict[Path, LeaseKeeper] = {}
+        self._ray_address: str | None = None
         self._lock = threading.Lock()
+
+    def connect(self, address: str) -> None:
+        """Connect this process to the Ray cluster at `address` as a driver; a process connected to
+        another address (an earlier head of the run) disconnects first."""
+        import ray  # noqa: PLC0415 - Ray only in the processes that talk to the cluster
+        from ray._private import ray_constants  # noqa: PLC0415
+
+        with self._lock:
+            if ray.is_initialized():
+                if self._ray_address == address:
+                    return
+                ray.shutdown()
+            if address.startswith("127.0.0.1:"):
+                # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; when it is on (the Linux
+                # default) a driver swaps 127.0.0.1 for the machine's address and never reaches a
+                # loopback-only head.
+                os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+                ray_constants.ENABLE_RAY_CLUSTER = False
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
+            self._ray_address = address
+
+    def disconnect(self) -> None:
+        import ray  # noqa: PLC0415 - see connect
+
+        with self._lock:
+            if ray.is_initialized():
+                ray.shutdown()
+            self._ray_address = None
 
     def put(self, handle: SessionHandle, loop: RolloutLoop) -> None:
         with self._lock:
@@ -152,7 +184,7 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     inputs = EngineInputs(train_data=data["train"]["path"],
                           eval_data={name: e["path"] for name, e in data["eval"].items()},
                           initial_checkpoint=model["hf_checkpoint"])
-    connect(cluster.address, NAMESPACE)
+    LIVE.connect(cluster.address)
     actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=inputs, num_threads=engine_threads())
     starting = actor.start.remote()  # the engine loads its checkpoint while the MLflow run opens
     first = ledger.start_rollout_id()
@@ -184,7 +216,7 @@ def _loop(ledger: RunLedger, session: ActorSession, *, tracker_start: int) -> Ro
 
 def _rebuild(handle: SessionHandle) -> RolloutLoop:
     ledger = RunLedger(handle.run)
-    connect(handle.address, NAMESPACE)
+    LIVE.connect(handle.address)
     loop = _loop(ledger, ActorSession(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE)),
                  tracker_start=handle.start)
     loop.pending_evals = handle.pending_evals
@@ -240,6 +272,5 @@ def _release(ledger: RunLedger, handle: SessionHandle | None) -> None:
         except Exception as exc:
             console.print(f"engine actor not stopped ({type(exc).__name__}: {exc}); its Ray head is stopped next",
                           markup=False)
-    if ray.is_initialized():
-        ray.shutdown()
+    LIVE.disconnect()
     release_recorded_head(ledger)

@@ -8,7 +8,6 @@ twice. In the flow it lives in a detached, named Ray actor (`attach_actor`), dri
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any
@@ -19,7 +18,6 @@ from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import SessionLost
 from kimi_core.runtime.progress import console
-from kimi_core.runtime.ray_local import ray_env
 
 #: Environment variable: torch threads of the engine (default `DEFAULT_THREADS`), for the flow and the fallback.
 THREADS_ENV = "KIMI_GRPO_THREADS"
@@ -83,30 +81,6 @@ class EngineSession:
 
 
 # ---- the session in a Ray actor --------------------------------------------------------------
-def connect(address: str, namespace: str) -> None:
-    """Connect this process to the Ray cluster at `address` as a driver; a process connected to
-    another address (an earlier head of the run) disconnects first."""
-    import ray  # noqa: PLC0415 - Ray is imported by the processes that talk to the cluster only
-
-    global _connected_to  # noqa: PLW0603 - this process's one Ray connection
-    if ray.is_initialized():
-        if _connected_to == address:
-            return
-        ray.shutdown()
-    if address.startswith("127.0.0.1:"):
-        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; when it is on (Linux default)
-        # a driver swaps 127.0.0.1 for the machine's address and never reaches a loopback-only head.
-        from ray._private import ray_constants  # noqa: PLC0415
-
-        os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
-    _connected_to = address
-
-
-_connected_to: str | None = None
-
-
 def actor_name(run_name: str) -> str:
     return f"kimi-grpo-engine-{run_name}"
 
