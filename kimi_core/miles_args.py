@@ -1,9 +1,13 @@
 """Render a recipe as the miles `train.py` flag list (audit and interop with the reference framework).
 
-One flag per line, grouped like the reference launchers' bash arrays. Paths use `$BASE_DIR` unless
-the recipe has a base dir. Flags follow miles' `scripts/run-kimi-k2*.sh` and
-`scripts/models/kimi-k2*.py` (model shape); `--filter-zero-reward-samples` is not a miles flag and
-is never emitted.
+One flag per line, grouped like the reference launchers' flag strings. Paths use `$BASE_DIR` unless
+the recipe has a base dir. Flags follow miles @31f1ca961: the launchers `scripts/run_kimi_k25.py` and
+`scripts/run_kimi_k2.py`, and the model shapes `scripts/models/kimi-k25.py` (which reuses
+`kimi-k2-thinking.py` with `beta_fast=32`), `kimi-k2-thinking.py` and `kimi-k2.py`. A flag passed by
+both a model script and a launcher (`--attention-softmax-in-fp32`) is rendered once, in MISC_ARGS; a
+launcher override of a model flag (`--moe-token-dispatcher-type flex` for Kimi-K2-Instruct) is
+rendered in the model flag's place. `--filter-zero-reward-samples` is not a miles flag and is never
+emitted. See docs/design.md §8 for where the recipes differ from the reference launchers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ def _fmt(value: float | int) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _fmt_whole(value: float) -> str:
+    """A whole number without its `.0` (miles writes `--beta-fast 32`, `--beta-slow 1`)."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _path(recipe: Recipe, value: str, run_name: str) -> str:
     if recipe.cluster.base_dir is None:
         recipe = recipe.model_copy(update={"cluster": recipe.cluster.model_copy(update={"base_dir": "$BASE_DIR"})})
@@ -27,7 +36,10 @@ def _path(recipe: Recipe, value: str, run_name: str) -> str:
 
 
 def _moe_layer_freq(layers: int, dense: int) -> str:
-    return f"[0]*{dense}+[1]*{layers - dense}"
+    """Megatron's `--moe-layer-freq` mask as miles renders it (`moe_layer_freq` of
+    miles/utils/external_utils/model_args_utils.py @31f1ca961): the first `dense` layers 0, the rest 1."""
+    dense = min(dense, layers)
+    return "[" + ",".join(["0"] * dense + ["1"] * (layers - dense)) + "]"
 
 
 def model_args(r: Recipe) -> Iterator[Flag]:
@@ -40,6 +52,8 @@ def model_args(r: Recipe) -> Iterator[Flag]:
     yield ("--kv-channels", str(a.qk_rope_head_dim))
     yield ("--normalization", "RMSNorm")
     yield ("--position-embedding-type", "rope")
+    if a.rope_scaling is not None:
+        yield ("--rope-type", a.rope_scaling.type)
     yield ("--norm-epsilon", _fmt(a.rms_norm_eps))
     yield ("--swiglu",)
     yield ("--untie-embeddings-and-output-weights",)
@@ -56,6 +70,9 @@ def model_args(r: Recipe) -> Iterator[Flag]:
         yield ("--rotary-scaling-factor", _fmt(a.rope_scaling.factor))
     yield ("--rotary-base", _fmt(int(a.rope_theta)) if a.rope_theta.is_integer() else _fmt(a.rope_theta))
     if a.rope_scaling is not None:
+        yield ("--original-max-position-embeddings", str(a.rope_scaling.original_max_position_embeddings))
+        yield ("--beta-fast", _fmt_whole(a.rope_scaling.beta_fast))
+        yield ("--beta-slow", _fmt_whole(a.rope_scaling.beta_slow))
         yield ("--mscale", _fmt(a.rope_scaling.mscale))
         yield ("--mscale-all-dim", _fmt(a.rope_scaling.mscale_all_dim))
     yield ("--no-rope-fusion",)
@@ -82,6 +99,7 @@ def model_args(r: Recipe) -> Iterator[Flag]:
 def cluster_args(r: Recipe) -> Iterator[Flag]:
     yield ("--actor-num-nodes", str(r.cluster.num_nodes))
     yield ("--actor-num-gpus-per-node", str(r.cluster.gpus_per_node))
+    yield ("--num-gpus-per-node", str(r.cluster.gpus_per_node))
     if r.parallel.colocate:
         yield ("--colocate",)
     yield ("--update-weight-buffer-size", str(r.sglang.update_weight_buffer_size))
@@ -103,7 +121,8 @@ def ckpt_args(r: Recipe, run_name: str) -> Iterator[Flag]:
         yield ("--save-interval", str(ck.save_interval))
     if ck.megatron_to_hf_mode:
         yield ("--megatron-to-hf-mode", ck.megatron_to_hf_mode)
-    yield ("--model-name", r.model.name)
+    if r.model.pass_name_to_miles:
+        yield ("--model-name", r.model.name)
 
 
 def rollout_args(r: Recipe, run_name: str) -> Iterator[Flag]:
@@ -248,6 +267,8 @@ def misc_args(r: Recipe) -> Iterator[Flag]:
         yield ("--attention-softmax-in-fp32",)
     if p.attention_backend:
         yield ("--attention-backend", p.attention_backend)
+    if not p.check_for_nan_in_loss_and_grad:
+        yield ("--no-check-for-nan-in-loss-and-grad",)
     if p.moe_enable_deepep:
         yield ("--moe-enable-deepep",)
 

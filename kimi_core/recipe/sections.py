@@ -91,6 +91,13 @@ class ModelSection(Section):
     """Which model is trained and how its tokenizer is found."""
 
     name: str = Field(description="model name passed to the engine (miles `--model-name`)")
+    pass_name_to_miles: bool = Field(
+        default=True,
+        description=(
+            "render miles `--model-name`; False = leave it unset, so miles derives it from the HF config class "
+            "(`deepseekv3config` for Kimi-K2), which is what its megatron-to-HF converter dispatches on"
+        ),
+    )
     architecture: Architecture
     tokenizer: str = Field(
         default="checkpoint",
@@ -199,6 +206,9 @@ class ParallelSection(Section):
     attention_softmax_in_fp32: bool = False
     moe_enable_deepep: bool = False
     moe_token_dispatcher_type: Literal["alltoall", "flex"] | None = None
+    check_for_nan_in_loss_and_grad: bool = Field(
+        default=True, description="Megatron's NaN check of loss and grads (False = `--no-check-for-nan-in-loss-and-grad`)",
+    )
     colocate: bool = True
 
 
