@@ -78,7 +78,8 @@ def load_hook(spec: str) -> FaultHook:
         target = getattr(target, attr)
     if not callable(target):
         raise TypeError(f"${FAULT_HOOK_ENV}={spec!r} names {type(target).__name__}, not a callable")
-    return target
+    hook: FaultHook = target  # a callable; its signature is the hook's contract
+    return hook
 
 
 def _env_hook() -> FaultHook | None:

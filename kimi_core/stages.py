@@ -20,7 +20,7 @@ from typing import Any
 from kimi_core.atomic import write_text_atomic
 from kimi_core.checkpoint.cache import Mode, cached_conversion
 from kimi_core.checkpoint.hf import verify_hf_checkpoint
-from kimi_core.data import PREP_VERSION, prepare_dataset
+from kimi_core.data import PREP_VERSION, PrepResult, prepare_dataset
 from kimi_core.recipe import Recipe, resolve_path
 from kimi_core.run_state import TRACKER_FILENAME, RunPaths
 from kimi_core.tokenizer import KimiByteTokenizer
@@ -40,11 +40,14 @@ def prepare_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     if recipe.model.tokenizer == "kimi-byte":
         tokenizer = KimiByteTokenizer()
         count_tokens = lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))  # noqa: E731
-    common = dict(out_dir=str(paths.data), input_key=d.input_key, label_key=d.label_key,
-                  metadata_key=d.metadata_key, on_error=d.on_error, count_tokens=count_tokens)
-    train = prepare_dataset(resolve_path(recipe, d.prompt_data), name="train", **common)
-    evals = {ds.name: prepare_dataset(resolve_path(recipe, ds.path), name=f"eval-{ds.name}", **common)
-             for ds in recipe.eval.datasets}
+
+    def prepare(source: str, name: str) -> PrepResult:
+        return prepare_dataset(source, name=name, out_dir=str(paths.data), input_key=d.input_key,
+                               label_key=d.label_key, metadata_key=d.metadata_key, on_error=d.on_error,
+                               count_tokens=count_tokens)
+
+    train = prepare(resolve_path(recipe, d.prompt_data), "train")
+    evals = {ds.name: prepare(resolve_path(recipe, ds.path), f"eval-{ds.name}") for ds in recipe.eval.datasets}
     return {
         "cached": train.cached and all(r.cached for r in evals.values()),
         "prep_version": PREP_VERSION,

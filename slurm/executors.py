@@ -29,17 +29,17 @@ def make_executor(
     "local" runs a subprocess on this machine (the time limit is taken from `request` if given).
     """
     if kind == "local":
-        executor = submitit.LocalExecutor(folder=folder)
+        local_executor = submitit.LocalExecutor(folder=folder)
         if request is not None:
-            executor.update_parameters(timeout_min=max(1, request.time_limit_s // 60))
-        return executor
+            local_executor.update_parameters(timeout_min=max(1, request.time_limit_s // 60))
+        return local_executor
     if kind != "slurm":
         raise ValueError(f"executor kind {kind!r}: expected one of 'local', 'slurm'")
     if request is None:
         raise ValueError("executor kind 'slurm' needs a SlurmJobRequest (request=...)")
-    executor = submitit.SlurmExecutor(folder=folder)
-    executor.update_parameters(**slurm_parameters(request))
-    return executor
+    slurm_executor = submitit.SlurmExecutor(folder=folder)
+    slurm_executor.update_parameters(**slurm_parameters(request))
+    return slurm_executor
 
 
 _INT_OPTIONS = frozenset({"nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node"})
@@ -100,7 +100,7 @@ def submit_or_reattach(
     *args: Any,
     job_id: str | None,
     folder: str | Path,
-) -> submitit.Job:
+) -> submitit.Job[Any]:
     """Submit `fn(*args)`, or re-attach to `job_id` from an earlier attempt when that is still useful.
 
     Slurm: a job that is pending, running or completed (per `sacct`) is re-attached with
@@ -112,7 +112,7 @@ def submit_or_reattach(
         if isinstance(executor, submitit.SlurmExecutor) and slurm_job_state(job_id) in REATTACH_STATES:
             return submitit.SlurmJob(folder=folder, job_id=job_id)
         if isinstance(executor, submitit.LocalExecutor):
-            job = submitit.LocalJob(folder=folder, job_id=job_id)
+            job: submitit.LocalJob[Any] = submitit.LocalJob(folder=folder, job_id=job_id)
             if job.paths.result_pickle.exists():
                 return job
     return executor.submit(fn, *args)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kimi_core.checkpoint.hf import INDEX_NAME
 from kimi_core.checkpoint.safetensors_io import (
-    INDEX_NAME,
     TensorEntry,
     TensorReader,
     read_checkpoint_entries,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,8 +59,8 @@ class ModelLayout:
     has_expert_bias: bool
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, object]) -> ModelLayout:
-        """Build from a `config.json` dict; raises ValueError naming a missing field."""
+    def from_hf_config(cls, config: Mapping[str, Any]) -> ModelLayout:
+        """Build from a parsed `config.json` (JSON values); raises ValueError naming a missing field."""
         for field in ("num_hidden_layers",):
             if field not in config:
                 raise ValueError(f"config.json: missing field {field!r}")

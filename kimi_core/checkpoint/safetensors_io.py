@@ -33,6 +33,12 @@ DTYPE_FROM_NAME: dict[str, torch.dtype] = {
 NAME_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_NAME.items()}
 
 
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared (no copy)."""
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; the array is a buffer on 3.11 too
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives: file, dtype, shape and absolute byte range in the file."""
@@ -100,7 +106,7 @@ class TensorReader:
     def read(self, entry: TensorEntry) -> torch.Tensor:
         """The tensor's bytes read straight into a new CPU tensor of `entry.shape`."""
         tensor = torch.empty(entry.shape, dtype=entry.dtype)
-        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        view = _bytes_view(tensor)
         fd, done = self._fd(entry.file), 0
         while done < entry.nbytes:
             got = os.preadv(fd, [view[done:]], entry.begin + done)
@@ -148,7 +154,7 @@ def write_streaming(path: str | Path, specs: Iterable[tuple[str, torch.dtype, tu
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype}{tuple(tensor.shape)}, "
                                  f"header says {dtype}{tuple(shape)}")
-            f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+            f.write(_bytes_view(tensor.contiguous()))
     return 8 + len(header_bytes) + offset
 
 

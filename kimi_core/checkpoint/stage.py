@@ -12,9 +12,11 @@ with the same inputs finds the record and returns `cached=True` without work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,21 +54,27 @@ def _sample(keys: list[str], sizes: dict[str, int], k: int = 4) -> list[str]:
 def _verify_safetensors_pair(src: Path, out: Path, mode: str) -> int:
     """int4 <-> bf16 checks; returns the output tensor count."""
     src_e, out_e = read_checkpoint_entries(src), read_checkpoint_entries(out)
+    checks: list[tuple[str, Callable[[], torch.Tensor]]]
     with TensorReader() as reader:
+
+        def unpacked(p: str) -> torch.Tensor:
+            return int4.unpack_int4(*(reader.read(src_e[f"{p}.{s}"]) for s in int4.PACKED_SUFFIXES))
+
+        def packed_weight(p: str) -> torch.Tensor:
+            return int4.pack_int4(reader.read(src_e[f"{p}.weight"]),
+                                  src_e[f"{p}.weight"].shape[1] // out_e[f"{p}.weight_scale"].shape[1])["weight_packed"]
+
         if mode == "int4_to_bf16":
             packed = [k.removesuffix(".weight_packed") for k in src_e if k.endswith(".weight_packed")]
             expected = len(src_e) - 2 * len(packed)
-            checks = [(f"{p}.weight", lambda p=p: int4.unpack_int4(
-                *(reader.read(src_e[f"{p}.{s}"]) for s in int4.PACKED_SUFFIXES))) for p in packed[:2]]
+            checks = [(f"{p}.weight", functools.partial(unpacked, p)) for p in packed[:2]]
         else:
             packed = [k.removesuffix(".weight_packed") for k in out_e if k.endswith(".weight_packed")]
             expected = len(src_e) + 2 * len(packed)
-            checks = [(f"{p}.weight_packed", lambda p=p: int4.pack_int4(
-                reader.read(src_e[f"{p}.weight"]),
-                src_e[f"{p}.weight"].shape[1] // out_e[f"{p}.weight_scale"].shape[1])["weight_packed"])
-                for p in packed[:2]]
+            checks = [(f"{p}.weight_packed", functools.partial(packed_weight, p)) for p in packed[:2]]
         plain = [k for k in src_e if k in out_e]
-        checks += [(k, lambda k=k: reader.read(src_e[k])) for k in _sample(plain, {k: src_e[k].nbytes for k in plain})]
+        checks += [(k, functools.partial(reader.read, src_e[k]))
+                   for k in _sample(plain, {k: src_e[k].nbytes for k in plain})]
         if len(out_e) != expected:
             raise ValueError(f"verify {mode}: {len(out_e)} tensors written, expected {expected}")
         for key, expect in checks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ def _mlp(prefix: str, hidden: int, width: int, dtype: torch.dtype) -> TensorShap
 
 def hf_tensor_shapes(config: dict[str, object], *, dtype: torch.dtype = torch.bfloat16) -> TensorShapes:
     """`{hf key: (dtype, shape)}` of a DeepSeek-V3 checkpoint (router bias in fp32, as shipped)."""
-    c = {k: v for k, v in config.items()}
+    c: dict[str, Any] = {k: v for k, v in config.items()}  # JSON values, converted with int() below
     hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
     qk_head = int(c["qk_nope_head_dim"]) + int(c["qk_rope_head_dim"])
     shapes: TensorShapes = {"model.embed_tokens.weight": (dtype, (int(c["vocab_size"]), hidden))}
@@ -92,11 +93,12 @@ def write_synthetic_hf_checkpoint(out_dir: str | Path, config: dict[str, object]
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = hf_tensor_shapes(config, dtype=dtype)
     sizes = {k: torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for k, (d, s) in shapes.items()}
-    total, done, groups = sum(sizes.values()), 0, [[] for _ in range(num_shards)]
+    groups: list[list[str]] = [[] for _ in range(num_shards)]
+    total, done = sum(sizes.values()), 0
     for key in shapes:
         groups[min(num_shards - 1, done * num_shards // total)].append(key)
         done += sizes[key]
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     groups = [g for g in groups if g]
     for i, keys in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"

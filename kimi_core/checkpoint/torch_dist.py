@@ -18,13 +18,15 @@ restores the same HF directory.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -35,14 +37,17 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from kimi_core.checkpoint.cpu_compat import megatron_on_cpu
+from kimi_core.checkpoint.hf import INDEX_NAME
 from kimi_core.checkpoint.keys import ModelLayout, TensorPlacement, place_from_megatron, place_hf_tensors
 from kimi_core.checkpoint.safetensors_io import (
-    INDEX_NAME,
     TensorReader,
     read_checkpoint_entries,
     write_index,
@@ -56,32 +61,42 @@ SIDE_FILE_MAX_BYTES = 32 << 20
 Loader = Callable[[], torch.Tensor]
 
 
-class _LazyPlanner(MCoreSavePlanner):
+class HfSideState(TypedDict):
+    """The HF side kept in `common.pt`: parsed `config.json`, small side files, original weight map."""
+
+    config: dict[str, Any]
+    files: dict[str, bytes]
+    weight_map: dict[str, str] | None
+
+
+class _LazyPlanner(MCoreSavePlanner):  # type: ignore[misc]  # megatron-core ships no type information
     """Resolves `(global key, chunk offset)` write items by calling a loader at write time."""
 
     def __init__(self, loaders: dict[tuple[str, tuple[int, ...]], Loader], **kwargs: object) -> None:
         super().__init__(**kwargs)
         self._loaders = loaders
 
-    def resolve_data(self, write_item):
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
         loader = self._loaders.get((write_item.index.fqn, tuple(write_item.index.offset or ())))
         if loader is None:
-            return super().resolve_data(write_item)
+            resolved: torch.Tensor | io.BytesIO = super().resolve_data(write_item)
+            return resolved
+        assert write_item.tensor_data is not None  # a tensor write item (only those have loaders)
         return loader().reshape(write_item.tensor_data.chunk.sizes)
 
 
-class _StreamingTorchDistSave(TorchDistSaveShardedStrategy):
+class _StreamingTorchDistSave(TorchDistSaveShardedStrategy):  # type: ignore[misc]  # megatron-core ships no type information
     """`torch_dist` save whose tensors are produced lazily by `loaders`."""
 
     def __init__(self, loaders: dict[tuple[str, tuple[int, ...]], Loader], *, thread_count: int) -> None:
         super().__init__("torch_dist", 1, thread_count=thread_count)
         self._loaders = loaders
 
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+    def save(self, sharded_state_dict: dict[str, Any], checkpoint_dir: str | Path) -> None:
         state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
-        writer = dcp.FileSystemWriter(checkpoint_dir, thread_count=self.thread_count)
+        writer = FileSystemWriter(checkpoint_dir, thread_count=self.thread_count)
         planner = _LazyPlanner(self._loaders, dedup_replicated_tensors=False, flatten_state_dict=False)
-        dcp.save(mcore_to_pyt_state_dict(state_dict, False), storage_writer=writer, planner=planner)
+        dcp_save(mcore_to_pyt_state_dict(state_dict, False), storage_writer=writer, planner=planner)
 
 
 @contextlib.contextmanager
@@ -98,7 +113,9 @@ def process_group(*, rank: int, world_size: int) -> Iterator[None]:
         yield
         return
     if world_size == 1:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # torch.distributed imports HashStore without re-exporting it in its typing (the documented name)
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     else:
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
     try:
@@ -119,7 +136,7 @@ def partition(placements: list[TensorPlacement], world_size: int) -> list[list[T
     return parts
 
 
-def _hf_side_state(hf_dir: Path, weight_map: dict[str, str]) -> dict[str, object]:
+def _hf_side_state(hf_dir: Path, weight_map: dict[str, str]) -> HfSideState:
     """config dict, small side files and the weight map, kept in `common.pt`."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -148,8 +165,8 @@ def convert_hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, *, rank: i
     mine = partition(placements, world_size)[rank]
     release = out_dir / RELEASE
     reader = TensorReader()
-    loaders = {(p.spec.megatron_key, p.global_offset): (lambda e=entries[p.spec.hf_key]: reader.read(e))
-               for p in mine}
+    loaders: dict[tuple[str, tuple[int, ...]], Loader] = {
+        (p.spec.megatron_key, p.global_offset): functools.partial(reader.read, entries[p.spec.hf_key]) for p in mine}
     model = {p.spec.hf_key: ShardedTensor.from_rank_offsets(
         p.spec.megatron_key, torch.empty(p.shape, dtype=p.dtype, device="meta"),
         *p.spec.rank_offsets, replica_id=0, prepend_axis_num=p.spec.prepend_axis_num) for p in mine}
@@ -178,8 +195,8 @@ def resolve_release_dir(ckpt_dir: str | Path) -> Path:
     raise ValueError(f"{ckpt_dir}: no {TRACKER_FILENAME} and no torch_dist .metadata")
 
 
-def read_torch_dist(ckpt_dir: str | Path, *, hf_config: dict | None = None
-                    ) -> tuple[Path, dict[str, object], list[TensorPlacement]]:
+def read_torch_dist(ckpt_dir: str | Path, *, hf_config: dict[str, Any] | None = None
+                    ) -> tuple[Path, HfSideState, list[TensorPlacement]]:
     """(release dir, HF side state, placements) of a torch_dist checkpoint.
 
     The HF config comes from `common.pt` (written by `convert_hf_to_torch_dist`) or, for
@@ -190,7 +207,8 @@ def read_torch_dist(ckpt_dir: str | Path, *, hf_config: dict | None = None
         common = dist_checkpointing.load_common_state_dict(str(release))
         with megatron_on_cpu():
             metadata = dist_checkpointing.load_tensors_metadata(str(release))
-    side = dict(common.get(COMMON_KEY) or {"files": {}, "weight_map": None})
+    # megatron returns the common state untyped; COMMON_KEY holds what `_hf_side_state` wrote
+    side = cast(HfSideState, dict(common.get(COMMON_KEY) or {"files": {}, "weight_map": None}))
     if hf_config is not None:
         side["config"] = hf_config
     if "config" not in side:
@@ -213,14 +231,18 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
         self._requests = requests
 
     def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None  # set by set_up_planner before create_local_plan
         items = []
         for (fqn, offset), buffer in self._requests.items():
             chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=buffer.shape)
-            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+            tensor_metadata = self.metadata.state_dict_metadata[fqn]
+            if not isinstance(tensor_metadata, TensorStorageMetadata):
+                raise ValueError(f"{fqn}: stored as bytes, not a tensor")
+            items += create_read_items_for_chunk_list(fqn, tensor_metadata, [chunk])
         return LoadPlan(items)
 
-    def resolve_tensor(self, read_item):
-        buffer = self._requests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        buffer = self._requests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset or ()))]
         return narrow_tensor_by_index(buffer, read_item.dest_offsets, read_item.lengths)
 
 
@@ -229,7 +251,7 @@ def load_placements(release: Path, placements: list[TensorPlacement]) -> dict[st
     buffers = {p.spec.hf_key: torch.empty(p.shape, dtype=p.dtype) for p in placements}
     requests = {(p.spec.megatron_key, p.global_offset):
                 buffers[p.spec.hf_key].view((1,) * p.spec.prepend_axis_num + p.shape) for p in placements}
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(release)), planner=_ChunkLoadPlanner(requests),
+    dcp_load({}, storage_reader=FileSystemReader(str(release)), planner=_ChunkLoadPlanner(requests),
              no_dist=not dist.is_initialized())
     return buffers
 
@@ -259,7 +281,7 @@ def _output_files(placements: list[TensorPlacement], weight_map: dict[str, str] 
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def convert_torch_dist_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config: dict | None = None,
+def convert_torch_dist_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config: dict[str, Any] | None = None,
                              max_shard_bytes: int = 4 << 30, load_group_bytes: int = 512 << 20) -> Path:
     """Write an HF safetensors checkpoint (shards + index + config.json) from torch_dist.
 
@@ -269,7 +291,8 @@ def convert_torch_dist_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_co
     out_dir.mkdir(parents=True, exist_ok=True)
     with process_group(rank=0, world_size=1) if not dist.is_initialized() else contextlib.nullcontext():
         release, side, placements = read_torch_dist(ckpt_dir, hf_config=hf_config)
-        weight_map, total = {}, 0
+        weight_map: dict[str, str] = {}
+        total = 0
         for name, file_placements in _output_files(placements, side["weight_map"], max_shard_bytes).items():
             def produce(keys: list[str], todo: list[TensorPlacement] = file_placements) -> Iterator[torch.Tensor]:
                 for group in _bounded_groups(todo, load_group_bytes):

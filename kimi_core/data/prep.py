@@ -151,7 +151,10 @@ def token_percentiles(counts: list[int]) -> dict[str, int] | None:
     if not counts:
         return None
     ordered = sorted(counts)
-    rank = lambda q: ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]  # noqa: E731
+
+    def rank(q: int) -> int:
+        return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
 
 

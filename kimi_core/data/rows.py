@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
+orjson: ModuleType | None  # None without orjson (tests set it to None for the standard-library path)
 try:
-    import orjson
+    import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is present in the project venv
     orjson = None
+else:
+    orjson = _orjson
 
 Prompt = str | list[dict[str, Any]]
 
@@ -52,7 +56,8 @@ def loads(data: bytes | str) -> Any:
 def dumps(obj: Any) -> bytes:
     """Serialize `obj` to compact UTF-8 JSON bytes (no trailing newline), deterministically."""
     if orjson is not None:
-        return orjson.dumps(obj)
+        encoded: bytes = orjson.dumps(obj)
+        return encoded
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 

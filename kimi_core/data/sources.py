@@ -63,7 +63,8 @@ def _open(source: str, storage_options: dict[str, Any] | None, compression: str 
     if is_synthetic(source):
         return io.BytesIO(_synthetic_bytes(source))
     try:
-        return fsspec.open(source, "rb", compression=compression, **(storage_options or {})).open()
+        opened: IO[bytes] = fsspec.open(source, "rb", compression=compression, **(storage_options or {})).open()
+        return opened
     except FileNotFoundError:
         raise FileNotFoundError(f"data source not found: {source}") from None
 

@@ -37,6 +37,7 @@ from kimi_core.engines.prompts import PromptSampler
 from kimi_core.engines.rollout import SamplingSpec, collect_groups, sample_groups
 from kimi_core.engines.update import LossSpec, build_batch, train_steps
 from kimi_core.faults import fault_point
+from kimi_core.model.deepseek import KimiForCausalLM
 from kimi_core.model.io import load_model, save_pretrained
 from kimi_core.recipe import Recipe, plan_run
 from kimi_core.rewards import grader_restarts, grader_timeouts, score_batch
@@ -63,7 +64,7 @@ class QATView(nn.Module):
     K2.5 recipe's INT4 QAT does; the stored parameters stay full precision.
     """
 
-    def __init__(self, inner: nn.Module, *, group_size: int):
+    def __init__(self, inner: KimiForCausalLM, *, group_size: int):
         super().__init__()
         self.inner = inner
         self.group_size = group_size
@@ -76,7 +77,7 @@ class QATView(nn.Module):
         return self.inner.config
 
     @property
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> nn.Linear:
         return self.inner.lm_head
 
     def new_cache(self, **kwargs: Any) -> Any:
@@ -97,7 +98,8 @@ class QATView(nn.Module):
         return self._cached[1]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.func.functional_call(self.inner, self._quantized(), args, kwargs, strict=False)
+        logits: torch.Tensor = torch.func.functional_call(self.inner, self._quantized(), args, kwargs, strict=False)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class LocalEngine:
         self.device = device
         self.plan = plan_run(recipe)
         self.tokenizer = KimiByteTokenizer()
-        self.policy: nn.Module | None = None
+        self.policy: KimiForCausalLM | QATView | None = None
         self._unsaved: dict[int, dict[str, float]] = {}  # metrics of the rollouts since the last save
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -181,11 +183,11 @@ class LocalEngine:
 
     def _train(self, rollout_id: int) -> dict[str, float]:
         """Sample, reward, filter, compute advantages and take the optimizer steps; return metrics."""
-        r, started = self.recipe, time.perf_counter()
+        policy, r, started = self._started_policy(), self.recipe, time.perf_counter()
         spec = SamplingSpec(r.rollout.n_samples_per_prompt, r.rollout.max_response_len, r.rollout.temperature, r.rollout.top_p)
         groups, stats = collect_groups(
             self.sampler.draw,
-            lambda rows: sample_groups(self.policy, self.tokenizer, rows, spec=spec, reward_fn=self._score,
+            lambda rows: sample_groups(policy, self.tokenizer, rows, spec=spec, reward_fn=self._score,
                                        generator=self.generator, apply_chat_template=r.data.apply_chat_template),
             batch_size=r.rollout.rollout_batch_size,
             over_sampling_batch_size=r.rollout.over_sampling_batch_size,
@@ -195,12 +197,12 @@ class LocalEngine:
         samples = [(g.prompt_ids + resp, len(g.prompt_ids), lp) for g in groups for resp, lp in zip(g.responses, g.rollout_logprobs)]
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         batch = build_batch(
-            self.policy, self.reference, sequences=[s[0] for s in samples], prompt_lens=[s[1] for s in samples],
+            policy, self.reference, sequences=[s[0] for s in samples], prompt_lens=[s[1] for s in samples],
             rewards=rewards, n_samples_per_prompt=r.rollout.n_samples_per_prompt, rollout_logprobs=[s[2] for s in samples],
         )
         fault_point("train.mid", rollout_id=rollout_id, paths=self.paths)
         train_metrics = train_steps(
-            self.policy, self.optimizer, batch, num_steps=self.plan.steps_per_rollout, spec=self._loss_spec(),
+            policy, self.optimizer, batch, num_steps=self.plan.steps_per_rollout, spec=self._loss_spec(),
             clip_grad=r.optimizer.clip_grad,
         )
         train_time = time.perf_counter() - started - rollout_time
@@ -222,6 +224,11 @@ class LocalEngine:
             "rollout/grader_restarts": float(grader_restarts()),
             "rollout/grader_timeouts": float(grader_timeouts()),
         }
+
+    def _started_policy(self) -> KimiForCausalLM | QATView:
+        if self.policy is None:
+            raise RuntimeError("the engine is not started (call start first)")
+        return self.policy
 
     def _score(self, responses: list[str], labels: list[str]) -> list[float]:
         return [float(x) for x in score_batch(responses, labels, rm_type=self.recipe.rollout.rm_type)]
@@ -260,7 +267,7 @@ class LocalEngine:
     def evaluate(self, rollout_id: int) -> EvalResult:
         """avg@n, unbiased pass@k and length stats per eval set, and the first groups' generations;
         its own RNG seeded by the rollout id (`eval_generator`), so training is not perturbed."""
-        r, ev = self.recipe, self.recipe.eval
+        policy, r, ev = self._started_policy(), self.recipe, self.recipe.eval
         generator = eval_generator(r.rollout.seed, rollout_id)
         n = ev.n_samples_per_prompt
         spec = SamplingSpec(n, ev.max_response_len or r.rollout.max_response_len,
@@ -268,7 +275,7 @@ class LocalEngine:
         metrics: dict[str, float] = {}
         samples: list[dict[str, Any]] = []
         for name, path in self.inputs.eval_data.items():
-            groups = sample_groups(self.policy, self.tokenizer, read_prepared(path), spec=spec, reward_fn=self._score,
+            groups = sample_groups(policy, self.tokenizer, read_prepared(path), spec=spec, reward_fn=self._score,
                                    generator=generator, apply_chat_template=r.data.apply_chat_template)
             rewards = torch.tensor([g.rewards for g in groups])
             lengths = [len(x) for g in groups for x in g.responses]

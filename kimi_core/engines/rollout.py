@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from kimi_core.data import as_messages
 from kimi_core.grpo import nonzero_std_filter
-from kimi_core.model.sampling import generate
+from kimi_core.model.sampling import CausalLM, generate
 
 
 @dataclass
@@ -58,7 +57,7 @@ def prompt_ids(tokenizer: Any, row: dict[str, Any], *, apply_chat_template: bool
 
 
 def sample_groups(
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: Any,
     rows: list[dict[str, Any]],
     *,

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from kimi_core import grpo
-from kimi_core.model.sampling import token_logprobs
+from kimi_core.model.sampling import CausalLM, token_logprobs
+
+
+class TrainablePolicy(CausalLM, Protocol):
+    """A causal LM whose parameters the optimizer steps (``KimiForCausalLM`` or its QAT view)."""
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 @dataclass
@@ -47,8 +55,8 @@ def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
 
 
 def build_batch(
-    policy: nn.Module,
-    reference: nn.Module | None,
+    policy: CausalLM,
+    reference: CausalLM | None,
     *,
     sequences: list[list[int]],
     prompt_lens: list[int],
@@ -67,7 +75,7 @@ def build_batch(
     )
 
 
-def grpo_loss(policy: nn.Module, batch: TrainBatch, idx: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(policy: CausalLM, batch: TrainBatch, idx: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of samples `idx` and its statistics (docs/design.md §7)."""
     seqs = [batch.sequences[i] for i in idx.tolist()]
     lens = [batch.prompt_lens[i] for i in idx.tolist()]
@@ -100,7 +108,7 @@ def grpo_loss(policy: nn.Module, batch: TrainBatch, idx: torch.Tensor, spec: Los
 
 
 def train_steps(
-    policy: nn.Module,
+    policy: TrainablePolicy,
     optimizer: torch.optim.Optimizer,
     batch: TrainBatch,
     *,
@@ -114,7 +122,7 @@ def train_steps(
     for chunk in torch.arange(total).chunk(num_steps):
         optimizer.zero_grad(set_to_none=True)
         loss, stats = grpo_loss(policy, batch, chunk, spec)
-        loss.backward()
+        torch.autograd.backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip_grad)
         optimizer.step()
         stats["train/grad_norm"] = float(grad_norm)

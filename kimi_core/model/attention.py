@@ -135,7 +135,8 @@ class MLAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v.transpose(1, 2), attn_mask=bias.unsqueeze(1), scale=self.softmax_scale
         )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim))
+        projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim))
+        return projected
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -172,10 +173,10 @@ class MLAttention(nn.Module):
         bsz, seq, _ = x.shape
         heads, kv, rope_dim = self.num_heads, self.kv_rank, self.rope_dim
         first = self._frozen["in_t"].shape[1] - kv - rope_dim
-        q, c_kv, k_rope = (x @ self._frozen["in_t"]).split([first, kv, rope_dim], dim=-1)
+        q, c_kv, k_rope = torch.split(x @ self._frozen["in_t"], [first, kv, rope_dim], dim=-1)
         if self.q_rank is not None:
             q = self.q_a_layernorm(q) @ self._frozen["q_t"]
-        q_lat, q_rope = q.split([heads * kv, heads * rope_dim], dim=-1)
+        q_lat, q_rope = torch.split(q, [heads * kv, heads * rope_dim], dim=-1)
         pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
         rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
         latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,9 +23,18 @@ from torch import nn
 from kimi_core.model.attention import MLACache, MLAttention
 from kimi_core.model.config import ModelConfig
 from kimi_core.model.layers import MLP, RMSNorm, RotaryEmbedding
-from kimi_core.model.moe import MoE
+from kimi_core.model.moe import MoE, Router
 
 INIT_STD = 0.02
+
+
+@runtime_checkable
+class _Freezable(Protocol):
+    """A module with decode-friendly weight copies (see ``KimiForCausalLM.frozen_weights``)."""
+
+    def freeze(self) -> None: ...
+
+    def thaw(self) -> None: ...
 
 
 class DecoderLayer(nn.Module):
@@ -49,7 +59,8 @@ class DecoderLayer(nn.Module):
         cache: MLACache | None,
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope=rope, bias=bias, cache=cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        ffn: torch.Tensor = self.mlp(self.post_attention_layernorm(h))
+        return h + ffn
 
 
 class Backbone(nn.Module):
@@ -84,7 +95,7 @@ class KimiForCausalLM(nn.Module):
                 module.weight.normal_(0.0, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-            elif hasattr(module, "e_score_correction_bias"):
+            elif isinstance(module, Router):  # the only module with an e_score_correction_bias
                 module.weight.normal_(0.0, std)
                 module.e_score_correction_bias.zero_()
 
@@ -98,7 +109,7 @@ class KimiForCausalLM(nn.Module):
         the block; they cost about twice the weights' memory while it lasts (the CPU/toy engine's
         trade of memory for speed). Autograd-enabled calls ignore them.
         """
-        frozen = [m for m in self.modules() if m is not self and hasattr(m, "freeze")]
+        frozen = [m for m in self.modules() if m is not self and isinstance(m, _Freezable)]
         for module in frozen:
             module.freeze()
         try:
@@ -148,7 +159,8 @@ class KimiForCausalLM(nn.Module):
             cache.advance(seq, new_mask)
         if last_token_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+        logits: torch.Tensor = self.lm_head(self.model.norm(h))
+        return logits
 
 
 def _attention_bias(key_mask: torch.Tensor, *, past: int, seq: int, dtype: torch.dtype) -> torch.Tensor:

@@ -86,6 +86,8 @@ class RotaryEmbedding(nn.Module):
     Entry ``i`` is ``attention_factor * exp(1j * pos * inv_freq_i)``, i.e. ``(cos, sin)`` scaled.
     """
 
+    inv_freq: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inv_freq, self.attention_factor, self.softmax_scale = rope_parameters(cfg)
@@ -125,7 +127,8 @@ class MLP(nn.Module):
         if self._frozen is not None and not torch.is_grad_enabled():
             gate, up = (x @ self._frozen[0]).chunk(2, dim=-1)
             return (F.silu(gate) * up) @ self._frozen[1]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
     @torch.no_grad()
     def freeze(self) -> None:

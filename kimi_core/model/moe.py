@@ -6,6 +6,8 @@ HF names: ``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``, ``mlp.exper
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,8 @@ class Router(nn.Module):
     Weights use the unbiased ``s`` of the chosen experts, divided by their sum when
     ``norm_topk_prob``, times ``routed_scaling_factor``.
     """
+
+    e_score_correction_bias: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -84,17 +88,23 @@ class MoE(nn.Module):
             routed = self._routed_batched(flat, weights, expert_ids)
         else:
             routed = self._routed_loop(flat, weights, expert_ids)
-        return (routed + self.shared_experts(flat)).view(shape)
+        shared: torch.Tensor = self.shared_experts(flat)
+        return (routed + shared).view(shape)
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Stack the experts: ``gate_up [E, D, 2I]`` (gate columns, then up) and ``down [E, I, D]``."""
-        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).t() for e in self.experts])
-        down = torch.stack([e.down_proj.weight.t() for e in self.experts])
+        experts = self._expert_mlps()
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]).t() for e in experts])
+        down = torch.stack([e.down_proj.weight.t() for e in experts])
         self._frozen = (gate_up, down)
 
     def thaw(self) -> None:
         self._frozen = None
+
+    def _expert_mlps(self) -> list[MLP]:
+        """The routed experts with their type (iterating an ``nn.ModuleList`` yields plain modules)."""
+        return [cast(MLP, e) for e in self.experts]
 
     def _routed_loop(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         top_k = expert_ids.shape[1]

@@ -15,12 +15,29 @@ under ``log_softmax(logits / temperature)`` of the raw model, *without* the top-
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from kimi_core.model.deepseek import KimiForCausalLM
+from kimi_core.model.attention import MLACache
+
+
+class CausalLM(Protocol):
+    """What ``generate`` and ``token_logprobs`` use of a model: ``KimiForCausalLM``, or a module
+    standing in for one (the local engine's INT4 QAT view)."""
+
+    @property
+    def lm_head(self) -> nn.Linear: ...
+
+    def frozen_weights(self) -> AbstractContextManager[object]: ...
+
+    def new_cache(self, *, batch_size: int, max_len: int) -> MLACache: ...
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -107,7 +124,7 @@ class _Rows:
 
 @torch.inference_mode()
 def generate(
-    model: KimiForCausalLM,
+    model: CausalLM,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -141,7 +158,7 @@ def generate(
 
 
 def token_logprobs(
-    model: KimiForCausalLM,
+    model: CausalLM,
     sequences: list[list[int]],
     prompt_lens: list[int],
     *,

@@ -113,7 +113,7 @@ def _build(arch: Architecture, out_dir: str | Path, *, spec: WarmupSection) -> d
         loss = warmup_loss(model, [prompts[i] + answers[i] for i in idx], [len(prompts[i]) for i in idx],
                            label_smoothing=spec.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     save_pretrained(model, model.config, out_dir)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from kimi_core.recipe.rules import check_rules
 from kimi_core.recipe.sections import ClusterSection, Recipe
@@ -75,7 +76,7 @@ def _section_type(annotation: Any) -> Any:
     return annotation
 
 
-def _format_error(error: dict[str, Any]) -> str:
+def _format_error(error: ErrorDetails) -> str:
     loc = tuple(error["loc"])
     path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
     if error["type"] == "extra_forbidden":
@@ -188,7 +189,8 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe as plain data (lists for tuples), ready for YAML or MLflow params."""
-    return json.loads(recipe.model_dump_json())
+    data: dict[str, Any] = json.loads(recipe.model_dump_json())
+    return data
 
 
 def recipe_hash(recipe: Recipe) -> str:
