@@ -17,10 +17,10 @@ from typing import Any, Protocol
 from submitit import Job
 from submitit.core.utils import FailedJobError
 
-from kimi_core import stages
 from kimi_core.recipe import Recipe
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import PermanentFailure, is_transient, job_error_line
+from kimi_core.runtime.job_payloads import acquire_model_job, convert_checkpoint_job, prepare_data_job
 from kimi_core.runtime.ledger import RunLedger, cache_key
 
 STAGE_VERSION = "2"
@@ -92,20 +92,3 @@ def acquire_model(ctx: RunContext, launcher: JobLauncher) -> dict[str, Any]:
 def convert_checkpoint(ctx: RunContext, launcher: JobLauncher, model: dict[str, Any]) -> dict[str, Any]:
     """Stage: the reference / initial weights in the format the trainer loads."""
     return _stage(ctx, launcher, "convert_checkpoint", convert_checkpoint_job, ctx, model["hf_checkpoint"])
-
-
-# ---- job payloads: what a stage job runs (`kimi_core.stages` imports torch only when there is work,
-# so a job whose output is current starts and ends in about a second).
-def prepare_data_job(ctx: RunContext) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return stages.prepare_data(recipe, ctx.paths(recipe))
-
-
-def acquire_model_job(ctx: RunContext) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return stages.acquire_model(recipe, ctx.paths(recipe))
-
-
-def convert_checkpoint_job(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
-    recipe = ctx.recipe()
-    return stages.convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)

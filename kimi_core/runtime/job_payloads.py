@@ -1,0 +1,28 @@
+"""What a stage job runs: one `kimi_core.stages` function for the run's recipe.
+
+Kept apart from `jobs.py` (which submits and watches the jobs, and imports MLflow through the
+ledger) so that a job process imports only the recipe and the stage: `kimi_core.stages` imports
+torch only when there is work, so a job whose output is current starts and ends in about a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kimi_core import stages
+from kimi_core.runtime.context import RunContext
+
+
+def prepare_data_job(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.prepare_data(recipe, ctx.paths(recipe))
+
+
+def acquire_model_job(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.acquire_model(recipe, ctx.paths(recipe))
+
+
+def convert_checkpoint_job(ctx: RunContext, hf_checkpoint: str) -> dict[str, Any]:
+    recipe = ctx.recipe()
+    return stages.convert_checkpoint(recipe, ctx.paths(recipe), hf_checkpoint=hf_checkpoint)
