@@ -240,13 +240,11 @@ class BareRecorder:
 def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dict[str, Any]) -> Side:
     """The one rollout loop (`kimi_core.runtime.loop`) over a `LocalEngine` in this process: the same
     schedule of saves and evals as the flow, without Prefect, Ray, MLflow or the manifest."""
-    from kimi_core.engines.local import EngineInputs, LocalEngine
+    from kimi_core.engines.local import LocalEngine
 
     plan = plan_run(recipe)
-    inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},
-                          initial_checkpoint=model["hf_checkpoint"])
     started = time.time()
-    engine = LocalEngine(recipe, paths=paths, inputs=inputs)
+    engine = LocalEngine(recipe, paths=paths, inputs=stages.engine_inputs(data, model))
     engine.start(None)
     recorder = BareRecorder()
     RolloutLoop(session=engine, plan=plan, recorder=recorder, start=0,

@@ -20,15 +20,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from kimi_core import stages
-from kimi_core.engines.base import EngineInputs
 from kimi_core.exit_codes import INVALID_INPUT, REQUEUE_EXIT
 from kimi_core.recipe import RecipeError
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.jobs import stage_key
 from kimi_core.runtime.ledger import RunLedger
-from kimi_core.runtime.loop import RolloutLoop, StopRequest
-from kimi_core.runtime.progress import Progress, console
-from kimi_core.runtime.recording import RunRecorder
+from kimi_core.runtime.loop import StopRequest
+from kimi_core.runtime.progress import console
 from kimi_core.runtime.session import EngineSession, engine_threads
 from kimi_core.runtime.status import completed_run
 
@@ -58,20 +56,10 @@ def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     if os.environ.get("SLURM_JOB_ID"):
         ledger.manifest.add_slurm_job_id(os.environ["SLURM_JOB_ID"])
     tracker = ledger.open_tracking(attempt=attempt, engine="local")
-    inputs = EngineInputs(train_data=data["train"]["path"], eval_data={n: e["path"] for n, e in data["eval"].items()},
-                          initial_checkpoint=model["hf_checkpoint"])
-    session = EngineSession(ctx, inputs, num_threads=engine_threads())
+    session = EngineSession(ctx, stages.engine_inputs(data, model), num_threads=engine_threads())
     start = session.start()
     ledger.manifest.set_start_rollout(start)
-    logged_evals = ledger.logged_eval_steps()
-    loop = RolloutLoop(
-        session=session, plan=ledger.plan, start=start, stop=stop,
-        recorder=RunRecorder(tracker, Progress(start=start, end=ledger.plan.num_rollout)),
-        pending_evals=RolloutLoop.evals_owed(ledger.plan, start=start, logged_evals=logged_evals),
-        logged_rollouts=ledger.logged_rollouts(start), logged_evals=logged_evals,
-        failures=lambda stage, rollout_id, error: ledger.manifest.record_failure(
-            stage=stage, rollout_id=rollout_id, error=error),
-    )
+    loop = ledger.rollout_loop(session, start=start, stop=stop)
     outcome = loop.run()
     tracker.log_curves_png()
     if not outcome.finished:

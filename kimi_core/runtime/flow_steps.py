@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kimi_core.engines.base import EngineInputs, EvalResult, RolloutResult
+from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.ledger import RunLedger
 from kimi_core.runtime.loop import RolloutLoop, Step
-from kimi_core.runtime.progress import Progress, console
+from kimi_core.runtime.progress import console
 from kimi_core.runtime.ray_local import (
     LeaseKeeper,
     RayHead,
@@ -35,9 +35,9 @@ from kimi_core.runtime.ray_local import (
     stop_local_ray_head,
     worker_port_range,
 )
-from kimi_core.runtime.recording import RunRecorder
 from kimi_core.runtime.session import ActorSession, attach_actor, engine_threads, lookup_actor
 from kimi_core.runtime.status import RunSummary
+from kimi_core.stages import engine_inputs
 
 NAMESPACE = "kimi-grpo"
 BRING_UP = "bring_up_cluster"
@@ -109,10 +109,12 @@ def release_recorded_head(ledger: RunLedger) -> None:
 class LiveObjects:
     """The live objects of the runs this process drives — the one process-wide registry.
 
-    The Ray connection (`ray.init` is per process). Rollout loops by session handle: a task called again in the same process (the next rollout,
-    a retry) reuses the ledger, MLflow client and actor handle; a task in another process rebuilds
-    them from the run directory and MLflow. Lease keepers by lease file: this process touches the
-    lease of every Ray head it brought up for as long as it lives.
+    - The Ray connection (`ray.init` is per process), and the address it is connected to.
+    - Rollout loops by session handle: a task called again in the same process (the next rollout,
+      a retry) reuses the ledger, MLflow client and actor handle; a task in another process
+      rebuilds them from the run directory and MLflow.
+    - Lease keepers by lease file: this process touches the lease of every Ray head it brought up
+      for as long as it lives.
     """
 
     def __init__(self) -> None:
@@ -181,11 +183,9 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     """Open (or re-attach to) the engine actor and the MLflow run; return where the session starts."""
     started = time.perf_counter()
     ledger = RunLedger(ctx)
-    inputs = EngineInputs(train_data=data["train"]["path"],
-                          eval_data={name: e["path"] for name, e in data["eval"].items()},
-                          initial_checkpoint=model["hf_checkpoint"])
     LIVE.connect(cluster.address)
-    actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=inputs, num_threads=engine_threads())
+    actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=engine_inputs(data, model),
+                                     num_threads=engine_threads())
     starting = actor.start.remote()  # the engine loads its checkpoint while the MLflow run opens
     first = ledger.start_rollout_id()
     attempt = ledger.manifest.begin_attempt(
@@ -193,7 +193,7 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     tracker = ledger.open_tracking(attempt=attempt, engine="local")
     start: int = ActorSession.get(starting, "open_session")
     ledger.manifest.set_start_rollout(start)
-    loop = _loop(ledger, ActorSession(actor), tracker_start=start)
+    loop = ledger.rollout_loop(ActorSession(actor), start=start)
     handle = SessionHandle(run=ctx, address=cluster.address, start=start, pending_evals=loop.pending_evals,
                            mlflow_run_id=tracker.run_id, reattached=reattached)
     LIVE.put(handle, loop)
@@ -202,23 +202,11 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     return handle
 
 
-def _loop(ledger: RunLedger, session: ActorSession, *, tracker_start: int) -> RolloutLoop:
-    logged_evals = ledger.logged_eval_steps()
-    return RolloutLoop(
-        session=session, plan=ledger.plan, start=tracker_start,
-        recorder=RunRecorder(ledger.tracker, Progress(start=tracker_start, end=ledger.plan.num_rollout)),
-        pending_evals=RolloutLoop.evals_owed(ledger.plan, start=tracker_start, logged_evals=logged_evals),
-        logged_rollouts=ledger.logged_rollouts(tracker_start), logged_evals=logged_evals,
-        failures=lambda stage, rollout_id, error: ledger.manifest.record_failure(
-            stage=stage, rollout_id=rollout_id, error=error),
-    )
-
-
 def _rebuild(handle: SessionHandle) -> RolloutLoop:
     ledger = RunLedger(handle.run)
     LIVE.connect(handle.address)
-    loop = _loop(ledger, ActorSession(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE)),
-                 tracker_start=handle.start)
+    loop = ledger.rollout_loop(ActorSession(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE)),
+                               start=handle.start)
     loop.pending_evals = handle.pending_evals
     return loop
 

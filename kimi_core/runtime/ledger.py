@@ -19,8 +19,10 @@ from kimi_core.engines.base import ROLLOUT_METRICS_FILE
 from kimi_core.recipe import plan_run, recipe_hash, recipe_to_dict
 from kimi_core.run_state import checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
+from kimi_core.runtime.loop import RolloutLoop, Session, StopRequest
 from kimi_core.runtime.manifest import Manifest
-from kimi_core.runtime.progress import console
+from kimi_core.runtime.progress import Progress, console
+from kimi_core.runtime.recording import RunRecorder
 from kimi_core.runtime.tracking import RunTracker, git_sha, resolve_tracking_uri
 
 #: The recipe field that says how far a run goes: it may grow when a run is extended
@@ -127,6 +129,19 @@ class RunLedger:
                     self.tracker.log_metrics(metrics, step=int(rollout_id))
                     logged.add(int(rollout_id))
         return logged
+
+    def rollout_loop(self, session: Session, *, start: int, stop: StopRequest | None = None) -> RolloutLoop:
+        """The run's rollout loop from `start`: its evals owed, what MLflow already holds (logged
+        once), failures recorded in the manifest, results to the MLflow run and the progress line."""
+        logged_evals = self.logged_eval_steps()
+        return RolloutLoop(
+            session=session, plan=self.plan, start=start, stop=stop or StopRequest(),
+            recorder=RunRecorder(self.tracker, Progress(start=start, end=self.plan.num_rollout)),
+            pending_evals=RolloutLoop.evals_owed(self.plan, start=start, logged_evals=logged_evals),
+            logged_rollouts=self.logged_rollouts(start), logged_evals=logged_evals,
+            failures=lambda stage, rollout_id, error: self.manifest.record_failure(
+                stage=stage, rollout_id=rollout_id, error=error),
+        )
 
     def start_rollout_id(self) -> int:
         latest = latest_checkpoint(self.paths)
