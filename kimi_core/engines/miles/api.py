@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ class MilesApi:
     MainProcessIdentity: Callable[[], Any]
     create_placement_groups: Callable[[Any], Any]
     create_rollout_manager: Callable[[Any, Any], tuple[Any, int | None]]
-    create_training_models: Callable[[Any, Any, Any], Awaitable[tuple[Any, Any]]]
+    create_training_models: Callable[[Any, Any, Any], Coroutine[Any, Any, tuple[Any, Any]]]
     object_store_init: Callable[..., Any]
     remove_rollout_data_refs: Callable[[Any, Any], None]
     GPU_MEMORY_TYPE_CUDA_GRAPH: str
