@@ -49,7 +49,7 @@ class FakeMiles:
     # ---- faults -----------------------------------------------------------------------------
     def fail(self, name: str, *kinds: str) -> None:
         """The next calls of `name` (e.g. "rm.generate", "actor.train") fail with `kinds` in order:
-        "raise", "hang" or "die"."""
+        "raise", "hang" or "die" ("exit" for parse_args: argparse's SystemExit)."""
         self.faults.setdefault(name, []).extend(kinds)
 
     def release(self) -> None:
@@ -82,6 +82,8 @@ class FakeMiles:
         """The flags the engine's logic reads, parsed from `sys.argv` like miles' parse_args."""
         argv = list(sys.argv[1:])
         self.calls.append(("parse_args",))
+        if self._fault("parse_args") == "exit":
+            raise SystemExit(2)  # argparse on an unknown or bad flag
         p = argparse.ArgumentParser(add_help=False)
         p.add_argument("--load")
         p.add_argument("--save")

@@ -386,6 +386,14 @@ def test_a_bring_up_failure_breaks_the_engine(run, fake: FakeMiles) -> None:
         engine.start(None)
 
 
+def test_miles_rejecting_its_argv_is_a_permanent_error_not_an_exit(run, fake: FakeMiles) -> None:
+    engine, _recipe, _paths = run()
+    fake.fail("parse_args", "exit")
+    with pytest.raises(ValueError, match="miles rejected its arguments"):
+        engine.start(None)
+    assert engine.state is State.BROKEN
+
+
 def test_miles_is_brought_up_once_per_process(run, fake: FakeMiles) -> None:
     first, _recipe, _paths = run()
     first.start(None)

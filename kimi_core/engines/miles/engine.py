@@ -226,6 +226,7 @@ class MilesEngine:
             raise CheckpointError(f"asked to resume from {resume_from}, but the tracker {self.paths.tracker} names "
                                   f"{repair.tracked}")
         start = repair.start
+        argv = self.argv(start)
         api = load_miles_api()
         with _BRING_UP_LOCK:
             if any(api is other for other in _BROUGHT_UP):
@@ -233,12 +234,13 @@ class MilesEngine:
                                    "a new session process is needed")
             _BROUGHT_UP.append(api)
         self.api = api
-        argv = self.argv(start)
         t = self.timeouts
         with _ARGV_LOCK:
             saved, sys.argv = sys.argv, ["train.py", *argv]
             try:
                 args = api.parse_args()
+            except SystemExit as exc:  # argparse exits on a bad flag; the session process must not
+                raise ValueError(f"miles rejected its arguments (exit {exc.code}); see the log above") from None
             finally:
                 sys.argv = saved
         self.args = args
