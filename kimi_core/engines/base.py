@@ -15,13 +15,35 @@ from typing import Any, Protocol
 ROLLOUT_METRICS_FILE = "rollout_metrics.json"
 
 
+class EngineBroken(RuntimeError):
+    """The engine cannot be used again in this process (a failure after training began, a child
+    actor's death, a phase that overran its timeout, or a closed engine).
+
+    Every later call raises it too. The runtime treats it as a lost session (docs/design.md §3:
+    bring the cluster up again and resume from the latest checkpoint), never as a retriable task
+    failure: `kimi_core.runtime.session.EngineSession` re-raises it as `SessionLost`.
+    """
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """The MLflow run an engine that logs its own metrics (miles) attaches to (docs/design.md §10)."""
+
+    tracking_uri: str
+    experiment: str
+    run_id: str
+
+
 @dataclass(frozen=True)
 class EngineInputs:
-    """Files the engine reads: prepared data and the initial HF checkpoint."""
+    """Files the engine reads: prepared data and the initial HF checkpoint; for the GPU engine also
+    the reference weights made by `convert_checkpoint` and the MLflow run to log into."""
 
     train_data: str
     eval_data: dict[str, str]
     initial_checkpoint: str
+    reference_checkpoint: str | None = None
+    tracking: TrackingTarget | None = None
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,24 @@ import errno
 # At import: importing submitit reconfigures logging, which must not happen while tasks log.
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from kimi_core.engines.base import EngineBroken
+
 
 class PermanentFailure(RuntimeError):
     """Retrying cannot fix this (bad input, a code error, the same failure at the same rollout twice)."""
 
 
 class SessionLost(RuntimeError):
-    """The engine session (its Ray actor or cluster) is gone: bring the cluster up again and resume."""
+    """The engine session (its Ray actor or cluster) is gone: bring the cluster up again and resume.
+
+    An engine that reports itself unusable (`kimi_core.engines.base.EngineBroken`) is a lost
+    session too: `EngineSession` re-raises it as this class (`session_lost`).
+    """
+
+
+def session_lost(exc: EngineBroken) -> SessionLost:
+    """The `SessionLost` that stands for an engine's `EngineBroken` (raise it `from exc`)."""
+    return SessionLost(str(exc))
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -57,7 +68,7 @@ def is_transient(exc: BaseException) -> bool:
     A job whose own code raised (submitit's `FailedJobError`) is transient only when that error is:
     bad data or a code error in a stage fails the same way on every attempt.
     """
-    if isinstance(exc, (PermanentFailure, SessionLost)):
+    if isinstance(exc, (PermanentFailure, SessionLost, EngineBroken)):
         return False
     if isinstance(exc, FailedJobError):
         return job_error_class(str(exc)) in _TRANSIENT_IN_JOB

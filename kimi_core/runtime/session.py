@@ -13,10 +13,10 @@ import threading
 from typing import Any
 
 from kimi_core.engines import make_engine
-from kimi_core.engines.base import EngineInputs, EvalResult, RolloutResult
+from kimi_core.engines.base import EngineBroken, EngineInputs, EvalResult, RolloutResult
 from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 from kimi_core.runtime.context import RunContext
-from kimi_core.runtime.failures import SessionLost
+from kimi_core.runtime.failures import SessionLost, session_lost
 from kimi_core.runtime.progress import console
 
 #: Environment variable: torch threads of the engine (default `DEFAULT_THREADS`), for the flow and the fallback.
@@ -59,7 +59,10 @@ class EngineSession:
             # earlier process did not finish (never the latest: the tracker moves last).
             for partial in cleanup_incomplete(self.paths):
                 console.print(f"removed the unfinished save {partial}", markup=False)
-            self.next_rollout = self.engine.start(latest_checkpoint(self.paths))
+            try:
+                self.next_rollout = self.engine.start(latest_checkpoint(self.paths))
+            except EngineBroken as exc:
+                raise session_lost(exc) from exc
             return self.next_rollout
 
     def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
@@ -68,13 +71,19 @@ class EngineSession:
                 return self.last
             if rollout_id != self.next_rollout:
                 raise SessionOutOfStep(f"session is at rollout {self.next_rollout}, asked for {rollout_id}")
-            self.last = self.engine.train_rollout(rollout_id, save=save, force_sync=force_sync)
+            try:
+                self.last = self.engine.train_rollout(rollout_id, save=save, force_sync=force_sync)
+            except EngineBroken as exc:
+                raise session_lost(exc) from exc
             self.next_rollout = rollout_id + 1
             return self.last
 
     def evaluate(self, rollout_id: int) -> EvalResult:
         with self._lock:
-            return self.engine.evaluate(rollout_id)
+            try:
+                return self.engine.evaluate(rollout_id)
+            except EngineBroken as exc:
+                raise session_lost(exc) from exc
 
     def close(self) -> None:
         self.engine.close()

@@ -1,7 +1,9 @@
-"""Engine selection: the CPU recipe gets the torch engine; a GPU recipe gets a clear NotImplementedError."""
+"""Engine selection: the CPU recipe gets the torch engine; a GPU recipe without miles installed gets a
+clear NotImplementedError (with miles, `MilesEngine`: tests/engines/test_miles_engine.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -23,10 +25,13 @@ def test_cpu_recipe_gets_the_local_engine(tmp_path: Path) -> None:
     assert isinstance(engine, LocalEngine)
 
 
-def test_gpu_recipe_names_the_missing_engine(tmp_path: Path) -> None:
+def test_gpu_recipe_names_the_missing_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KIMI_GRPO_MILES_API", raising=False)
+    if importlib.util.find_spec("miles") is not None:
+        pytest.skip("miles is installed here: the GPU engine is available")
     recipe = load_recipe(REPO / "configs/kimi-k25-grpo.yaml", base_dir=str(tmp_path))
     assert recipe.cluster.accelerator == "gpu"
-    with pytest.raises(NotImplementedError, match="Megatron \\+ SGLang engine"):
+    with pytest.raises(NotImplementedError, match="Megatron \\+ SGLang engine .* needs the miles container"):
         make_engine(recipe, paths=RunPaths.of(tmp_path, "r"), inputs=INPUTS)
 
 
