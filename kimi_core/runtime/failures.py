@@ -18,13 +18,8 @@ class SessionLost(RuntimeError):
     """The engine session (its Ray actor or cluster) is gone: bring the cluster up again and resume.
 
     An engine that reports itself unusable (`kimi_core.engines.base.EngineBroken`) is a lost
-    session too: `EngineSession` re-raises it as this class (`session_lost`).
+    session too: `EngineSession` re-raises it as this class.
     """
-
-
-def session_lost(exc: EngineBroken) -> SessionLost:
-    """The `SessionLost` that stands for an engine's `EngineBroken` (raise it `from exc`)."""
-    return SessionLost(str(exc))
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:

@@ -16,7 +16,7 @@ from kimi_core.engines import make_engine
 from kimi_core.engines.base import EngineBroken, EngineInputs, EvalResult, RolloutResult
 from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 from kimi_core.runtime.context import RunContext
-from kimi_core.runtime.failures import SessionLost, session_lost
+from kimi_core.runtime.failures import SessionLost
 from kimi_core.runtime.progress import console
 
 #: Environment variable: torch threads of the engine (default `DEFAULT_THREADS`), for the flow and the fallback.
@@ -62,7 +62,7 @@ class EngineSession:
             try:
                 self.next_rollout = self.engine.start(latest_checkpoint(self.paths))
             except EngineBroken as exc:
-                raise session_lost(exc) from exc
+                raise SessionLost(str(exc)) from exc
             return self.next_rollout
 
     def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
@@ -74,7 +74,7 @@ class EngineSession:
             try:
                 self.last = self.engine.train_rollout(rollout_id, save=save, force_sync=force_sync)
             except EngineBroken as exc:
-                raise session_lost(exc) from exc
+                raise SessionLost(str(exc)) from exc
             self.next_rollout = rollout_id + 1
             return self.last
 
@@ -83,7 +83,7 @@ class EngineSession:
             try:
                 return self.engine.evaluate(rollout_id)
             except EngineBroken as exc:
-                raise session_lost(exc) from exc
+                raise SessionLost(str(exc)) from exc
 
     def close(self) -> None:
         self.engine.close()
