@@ -27,7 +27,7 @@ from kimi_core.engines.miles.checkpoints import UNTRACKED_DIR, reconcile_checkpo
 from kimi_core.engines.miles.engine import MilesEngine, PhaseTimeouts, StartMismatch, State
 from kimi_core.recipe import Recipe, load_recipe, plan_run
 from kimi_core.run_state import CheckpointError, RunPaths, latest_checkpoint
-from kimi_core.runtime.failures import SessionLost, is_transient, session_lost
+from kimi_core.runtime.failures import is_transient
 from kimi_core.runtime.loop import RolloutLoop, StopRequest
 from kimi_core.runtime.recording import MemoryRecorder
 from tests.engines import fake_miles
@@ -402,9 +402,8 @@ def test_miles_is_brought_up_once_per_process(run, fake: FakeMiles) -> None:
         second.start(None)
 
 
-def test_the_runtime_treats_a_broken_engine_as_a_lost_session() -> None:
-    assert not is_transient(EngineBroken("x"))
-    assert isinstance(session_lost(EngineBroken("x")), SessionLost)
+def test_the_runtime_never_retries_a_broken_engine_in_place() -> None:
+    assert not is_transient(EngineBroken("x"))  # EngineSession re-raises it as SessionLost: a new session
 
 
 def test_a_saved_rollout_reports_its_committed_checkpoint_and_metrics(run, fake: FakeMiles) -> None:
