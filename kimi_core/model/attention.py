@@ -29,7 +29,8 @@ class MLACache:
     """Preallocated compressed KV cache for incremental decoding of a left-aligned batch.
 
     Every row shares the write offset ``length`` (prompts are left-padded to one length), so
-    step ``t`` writes slot ``length``. ``key_mask [B, max_len]`` marks real (non-pad) slots and
+    step ``t`` writes slot ``length``. ``key_mask [B, max_len]`` marks real (non-pad) slots (and
+    ``key_bias`` is the same as an additive 0 / -inf mask for decode steps), and
     ``next_position [B]`` is each row's next RoPE position (= number of real tokens so far).
     """
 
@@ -45,6 +46,7 @@ class MLACache:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.latent = torch.zeros(cfg.num_hidden_layers, batch_size, max_len, width, dtype=dtype, device=device)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.key_bias = torch.full((batch_size, max_len), float("-inf"), dtype=dtype, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
@@ -64,6 +66,21 @@ class MLACache:
     def append_mask(self, mask: torch.Tensor) -> None:
         """Record the pad mask of the ``T`` new tokens (before the layers run)."""
         self.key_mask[:, self.length : self.length + mask.shape[1]] = mask
+        self.key_bias[:, self.length : self.length + mask.shape[1]].masked_fill_(mask, 0.0)
+
+    def append_real_token(self) -> torch.Tensor:
+        """Decode step with one real token per row: mark slot ``length`` and return the additive
+        bias ``[B, 1, length+1]`` (0 = real key, -inf = pad) that the new queries use."""
+        if self.length >= self.max_len:
+            raise ValueError(f"MLACache overflow: {self.length + 1} tokens > max_len={self.max_len}")
+        self.key_mask[:, self.length] = True
+        self.key_bias[:, self.length] = 0.0
+        return self.key_bias[:, None, : self.length + 1]
+
+    def advance_one(self) -> None:
+        """``advance`` after ``append_real_token``: one slot, one real token per row."""
+        self.length += 1
+        self.next_position += 1
 
     def advance(self, num_tokens: int, mask: torch.Tensor) -> None:
         """Move the write offset past ``num_tokens`` and count real tokens per row."""
@@ -74,6 +91,7 @@ class MLACache:
         """Drop finished rows: keep only batch rows ``rows [B']`` (in that order)."""
         self.latent = self.latent.index_select(1, rows)
         self.key_mask = self.key_mask.index_select(0, rows)
+        self.key_bias = self.key_bias.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
 
 

@@ -125,6 +125,8 @@ class KimiForCausalLM(nn.Module):
 
         ``attention_mask [B,T]`` covers the new tokens only; the cache remembers earlier ones.
         """
+        if cache is not None and attention_mask is None and input_ids.shape[1] == 1:
+            return self._decode_step(input_ids, position_ids=position_ids, cache=cache)
         bsz, seq = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
@@ -149,6 +151,24 @@ class KimiForCausalLM(nn.Module):
         if last_token_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
+
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None, cache: MLACache
+    ) -> torch.Tensor:
+        """One real new token per row (the sampler's decode step): the same values as the general
+        path, with the cache's running additive bias and position counter instead of rebuilding
+        the mask, cumsum and bias each step. ``[B,1,V]``."""
+        if position_ids is None:
+            position_ids = cache.next_position[:, None]
+        bias = cache.append_real_token()
+        h = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(position_ids)
+        for layer in self.model.layers:
+            h = layer(h, rope=rope, bias=bias, cache=cache)
+        cache.advance_one()
+        logits: torch.Tensor = self.lm_head(self.model.norm(h))
+        return logits
 
 
 def _attention_bias(key_mask: torch.Tensor, *, past: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
