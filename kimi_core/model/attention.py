@@ -128,10 +128,14 @@ class MLAttention(nn.Module):
         rope: torch.Tensor,
         bias: torch.Tensor,
         cache: MLACache | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """``x [B,T,D]``, complex rotations ``rope [B,T,r/2]``, additive ``bias [B,T,S]`` (0 / -inf)."""
+        """``x [B,T,D]``, complex rotations ``rope [B,T,r/2]``, additive ``bias [B,T,S]`` (0 / -inf).
+
+        Output ``[B,T,D]``, or ``[B,1,D]`` for the last query only with ``last_only`` (keys, values
+        and the cache still cover all ``T`` new tokens)."""
         if cache is not None and self._frozen is not None and not torch.is_grad_enabled():
-            return self._absorbed(x, rope=rope, bias=bias, cache=cache)
+            return self._absorbed(x, rope=rope, bias=bias, cache=cache, last_only=last_only)
         bsz, seq, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -149,6 +153,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_rope = latent[:, :, None, self.kv_rank :].expand(-1, -1, self.num_heads, -1)
         q = torch.cat([q_nope, rotated[:, :, :-1]], dim=-1).transpose(1, 2)
+        if last_only:
+            q, bias, seq = q[:, :, -1:], bias[:, -1:], 1
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v.transpose(1, 2), attn_mask=bias.unsqueeze(1), scale=self.softmax_scale
@@ -184,20 +190,34 @@ class MLAttention(nn.Module):
     def thaw(self) -> None:
         self._frozen = None
 
-    def _absorbed(self, x: torch.Tensor, *, rope: torch.Tensor, bias: torch.Tensor, cache: MLACache) -> torch.Tensor:
-        """Cached attention on the latent with the absorbed weights (see ``freeze``); ``[B,T,D]``."""
+    def _absorbed(
+        self, x: torch.Tensor, *, rope: torch.Tensor, bias: torch.Tensor, cache: MLACache, last_only: bool = False
+    ) -> torch.Tensor:
+        """Cached attention on the latent with the absorbed weights (see ``freeze``); ``[B,T,D]``
+        (``[B,1,D]`` with ``last_only``)."""
         assert self._frozen is not None
         bsz, seq, _ = x.shape
         heads, kv, rope_dim = self.num_heads, self.kv_rank, self.rope_dim
         first = self._frozen["in_t"].shape[1] - kv - rope_dim
         q, c_kv, k_rope = (x @ self._frozen["in_t"]).split([first, kv, rope_dim], dim=-1)
-        if self.q_rank is not None:
-            q = self.q_a_layernorm(q) @ self._frozen["q_t"]
-        q_lat, q_rope = q.split([heads * kv, heads * rope_dim], dim=-1)
-        pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
-        rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
-        latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))
-        queries = torch.cat([q_lat.view(bsz, seq, heads, kv), rotated[:, :, :-1]], dim=-1)
+        if last_only:  # the latent covers all T tokens, queries only the last one
+            q_last = q[:, -1:]
+            if self.q_rank is not None:
+                q_last = self.q_a_layernorm(q_last) @ self._frozen["q_t"]
+            q_lat, q_rope = q_last.split([heads * kv, heads * rope_dim], dim=-1)
+            k_rot = apply_rope(k_rope, rope)  # elementwise: the same numbers as the joint rotation
+            q_rot = apply_rope(q_rope.view(bsz, 1, heads, rope_dim), rope[:, -1:].unsqueeze(2))
+            latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), k_rot], dim=-1))
+            queries = torch.cat([q_lat.view(bsz, 1, heads, kv), q_rot], dim=-1)
+            bias, seq = bias[:, -1:], 1
+        else:
+            if self.q_rank is not None:
+                q = self.q_a_layernorm(q) @ self._frozen["q_t"]
+            q_lat, q_rope = q.split([heads * kv, heads * rope_dim], dim=-1)
+            pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
+            rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
+            latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))
+            queries = torch.cat([q_lat.view(bsz, seq, heads, kv), rotated[:, :, :-1]], dim=-1)
         scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
         scores = scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)
         ctx = torch.bmm(torch.softmax(scores.view(bsz, seq * heads, -1), dim=-1), latent[..., :kv])

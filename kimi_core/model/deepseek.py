@@ -47,8 +47,12 @@ class DecoderLayer(nn.Module):
         rope: torch.Tensor,
         bias: torch.Tensor,
         cache: MLACache | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope=rope, bias=bias, cache=cache)
+        """``last_only``: keys/values (and the cache) cover every position, but only the last
+        position's output ``[B,1,D]`` is computed (the top layer when only the last logits matter)."""
+        a = self.self_attn(self.input_layernorm(h), rope=rope, bias=bias, cache=cache, last_only=last_only)
+        h = (h[:, -1:] if last_only else h) + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -144,12 +148,11 @@ class KimiForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         bias = _attention_bias(key_mask, past=past, seq=seq, dtype=h.dtype)
         rope = self.model.rotary_emb(position_ids)
-        for layer in self.model.layers:
-            h = layer(h, rope=rope, bias=bias, cache=cache)
+        top = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, rope=rope, bias=bias, cache=cache, last_only=last_token_only and i == top)
         if cache is not None:
             cache.advance(seq, new_mask)
-        if last_token_only:
-            h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
 
 

@@ -92,3 +92,21 @@ def test_generate_pinned_sequences_bench_shaped() -> None:
     assert out.truncated == [len(t) == 16 for t in BIG_TOKENS]
     assert [sum(r) for r in out.logprobs] == pytest.approx(BIG_LOGP_SUMS, abs=2e-4)
     assert torch.randint(0, 2**31, (1,), generator=g).item() == 443889960
+
+
+def test_last_token_only_matches_full_forward(small_model: KimiForCausalLM) -> None:
+    """The top layer computes only the last position with ``last_token_only`` (plain, cached and
+    frozen-cached paths); the cache still gets every position's latent."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = ids != 0
+    with torch.no_grad():
+        full = small_model(ids, attention_mask=mask)[:, -1:]
+        plain = small_model(ids, attention_mask=mask, last_token_only=True)
+        cache = small_model.new_cache(batch_size=2, max_len=8)
+        cached = small_model(ids, attention_mask=mask, cache=cache, last_token_only=True)
+        with small_model.frozen_weights():
+            frozen_cache = small_model.new_cache(batch_size=2, max_len=8)
+            frozen = small_model(ids, attention_mask=mask, cache=frozen_cache, last_token_only=True)
+    for out in (plain, cached, frozen):
+        assert out.shape == full.shape and torch.allclose(out, full, atol=1e-5, rtol=0)
+    assert torch.allclose(frozen_cache.latent, cache.latent, atol=1e-5, rtol=0)
