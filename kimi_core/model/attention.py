@@ -218,7 +218,10 @@ class MLAttention(nn.Module):
             rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
             latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))
             queries = torch.cat([q_lat.view(bsz, seq, heads, kv), rotated[:, :, :-1]], dim=-1)
-        scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
-        scores = scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)
-        ctx = torch.bmm(torch.softmax(scores.view(bsz, seq * heads, -1), dim=-1), latent[..., :kv])
+        if seq == 1:  # decode: the bias [B,1,S] broadcasts over the heads; 0 / -inf adds exactly as below
+            scores = torch.baddbmm(bias, queries.view(bsz, heads, -1), latent.transpose(1, 2))
+        else:
+            scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
+            scores = (scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)).view(bsz, seq * heads, -1)
+        ctx = torch.bmm(torch.softmax(scores, dim=-1), latent[..., :kv])
         return ctx.view(bsz, seq, heads * kv) @ self._frozen["o_t"]
