@@ -7,7 +7,7 @@ check. Prints a table and ends with one ``RESULT`` line.
 
 Throughput = generated tokens / wall seconds of a whole ``generate`` call (prefill included),
 median over alternating runs. Usage:
-python benchmarks/rollout_throughput.py [--hidden 128|256] [--threads 1] [--batch 32] [--max-new-tokens 64]
+python benchmarks/rollout_throughput.py [--hidden 128|256] [--threads 1] [--batch 32] [--max-new-tokens 64] [--breakdown]
 """
 
 from __future__ import annotations
@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time prefill + first token (max_new_tokens=1) of each engine, to split "
+                             "the medians into prefill and per-step decode cost")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -121,6 +124,16 @@ def main() -> None:
     print(f"{'engine':<14}{'tokens':>8}{'median s':>10}{'best s':>9}{'tokens/s':>11}")
     print(f"{'ours':<14}{n_ours:>8}{med_ours:>10.3f}{min(t_ours):>9.3f}{ours_tps:>11.1f}")
     print(f"{'transformers':<14}{n_hf:>8}{med_hf:>10.3f}{min(t_hf):>9.3f}{hf_tps:>11.1f}")
+    if args.breakdown:
+        p_ours, p_hf, _, _ = timed_pair(
+            lambda: ours(model, prompts, new=1, greedy=False, seed=2),
+            lambda: theirs(hf, prompts, new=1, greedy=False, seed=2),
+            repeats=args.repeats,
+        )
+        for name, full, first in (("ours", med_ours, statistics.median(p_ours)),
+                                  ("transformers", med_hf, statistics.median(p_hf))):
+            step_ms = (full - first) / max(new - 1, 1) * 1e3
+            print(f"breakdown {name:<13} prefill+first token {first * 1e3:7.1f} ms, decode {step_ms:6.2f} ms/step")
     print(f"RESULT rollout_tokens_per_s={ours_tps:.1f} transformers_tokens_per_s={hf_tps:.1f} "
           f"ratio={ours_tps / hf_tps:.2f}")
 

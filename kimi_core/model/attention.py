@@ -29,7 +29,8 @@ class MLACache:
     """Preallocated compressed KV cache for incremental decoding of a left-aligned batch.
 
     Every row shares the write offset ``length`` (prompts are left-padded to one length), so
-    step ``t`` writes slot ``length``. ``key_mask [B, max_len]`` marks real (non-pad) slots and
+    step ``t`` writes slot ``length``. ``key_mask [B, max_len]`` marks real (non-pad) slots (and
+    ``key_bias`` is the same as an additive 0 / -inf mask for decode steps), and
     ``next_position [B]`` is each row's next RoPE position (= number of real tokens so far).
     """
 
@@ -45,6 +46,7 @@ class MLACache:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.latent = torch.zeros(cfg.num_hidden_layers, batch_size, max_len, width, dtype=dtype, device=device)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.key_bias = torch.full((batch_size, max_len), float("-inf"), dtype=dtype, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
@@ -64,6 +66,21 @@ class MLACache:
     def append_mask(self, mask: torch.Tensor) -> None:
         """Record the pad mask of the ``T`` new tokens (before the layers run)."""
         self.key_mask[:, self.length : self.length + mask.shape[1]] = mask
+        self.key_bias[:, self.length : self.length + mask.shape[1]].masked_fill_(mask, 0.0)
+
+    def append_real_token(self) -> torch.Tensor:
+        """Decode step with one real token per row: mark slot ``length`` and return the additive
+        bias ``[B, 1, length+1]`` (0 = real key, -inf = pad) that the new queries use."""
+        if self.length >= self.max_len:
+            raise ValueError(f"MLACache overflow: {self.length + 1} tokens > max_len={self.max_len}")
+        self.key_mask[:, self.length] = True
+        self.key_bias[:, self.length] = 0.0
+        return self.key_bias[:, None, : self.length + 1]
+
+    def advance_one(self) -> None:
+        """``advance`` after ``append_real_token``: one slot, one real token per row."""
+        self.length += 1
+        self.next_position += 1
 
     def advance(self, num_tokens: int, mask: torch.Tensor) -> None:
         """Move the write offset past ``num_tokens`` and count real tokens per row."""
@@ -74,6 +91,7 @@ class MLACache:
         """Drop finished rows: keep only batch rows ``rows [B']`` (in that order)."""
         self.latent = self.latent.index_select(1, rows)
         self.key_mask = self.key_mask.index_select(0, rows)
+        self.key_bias = self.key_bias.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
 
 
@@ -110,10 +128,14 @@ class MLAttention(nn.Module):
         rope: torch.Tensor,
         bias: torch.Tensor,
         cache: MLACache | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """``x [B,T,D]``, complex rotations ``rope [B,T,r/2]``, additive ``bias [B,T,S]`` (0 / -inf)."""
+        """``x [B,T,D]``, complex rotations ``rope [B,T,r/2]``, additive ``bias [B,T,S]`` (0 / -inf).
+
+        Output ``[B,T,D]``, or ``[B,1,D]`` for the last query only with ``last_only`` (keys, values
+        and the cache still cover all ``T`` new tokens)."""
         if cache is not None and self._frozen is not None and not torch.is_grad_enabled():
-            return self._absorbed(x, rope=rope, bias=bias, cache=cache)
+            return self._absorbed(x, rope=rope, bias=bias, cache=cache, last_only=last_only)
         bsz, seq, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -131,6 +153,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_rope = latent[:, :, None, self.kv_rank :].expand(-1, -1, self.num_heads, -1)
         q = torch.cat([q_nope, rotated[:, :, :-1]], dim=-1).transpose(1, 2)
+        if last_only:
+            q, bias, seq = q[:, :, -1:], bias[:, -1:], 1
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v.transpose(1, 2), attn_mask=bias.unsqueeze(1), scale=self.softmax_scale
@@ -167,21 +191,38 @@ class MLAttention(nn.Module):
     def thaw(self) -> None:
         self._frozen = None
 
-    def _absorbed(self, x: torch.Tensor, *, rope: torch.Tensor, bias: torch.Tensor, cache: MLACache) -> torch.Tensor:
-        """Cached attention on the latent with the absorbed weights (see ``freeze``); ``[B,T,D]``."""
+    def _absorbed(
+        self, x: torch.Tensor, *, rope: torch.Tensor, bias: torch.Tensor, cache: MLACache, last_only: bool = False
+    ) -> torch.Tensor:
+        """Cached attention on the latent with the absorbed weights (see ``freeze``); ``[B,T,D]``
+        (``[B,1,D]`` with ``last_only``)."""
         assert self._frozen is not None
         bsz, seq, _ = x.shape
         heads, kv, rope_dim = self.num_heads, self.kv_rank, self.rope_dim
         first = self._frozen["in_t"].shape[1] - kv - rope_dim
         q, c_kv, k_rope = torch.split(x @ self._frozen["in_t"], [first, kv, rope_dim], dim=-1)
-        if self.q_rank is not None:
-            q = self.q_a_layernorm(q) @ self._frozen["q_t"]
-        q_lat, q_rope = torch.split(q, [heads * kv, heads * rope_dim], dim=-1)
-        pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
-        rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
-        latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))
-        queries = torch.cat([q_lat.view(bsz, seq, heads, kv), rotated[:, :, :-1]], dim=-1)
-        scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
-        scores = scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)
-        ctx = torch.bmm(torch.softmax(scores.view(bsz, seq * heads, -1), dim=-1), latent[..., :kv])
+        if last_only:  # the latent covers all T tokens, queries only the last one
+            q_last = q[:, -1:]
+            if self.q_rank is not None:
+                q_last = self.q_a_layernorm(q_last) @ self._frozen["q_t"]
+            q_lat, q_rope = torch.split(q_last, [heads * kv, heads * rope_dim], dim=-1)
+            k_rot = apply_rope(k_rope, rope)  # elementwise: the same numbers as the joint rotation
+            q_rot = apply_rope(q_rope.view(bsz, 1, heads, rope_dim), rope[:, -1:].unsqueeze(2))
+            latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), k_rot], dim=-1))
+            queries = torch.cat([q_lat.view(bsz, 1, heads, kv), q_rot], dim=-1)
+            bias, seq = bias[:, -1:], 1
+        else:
+            if self.q_rank is not None:
+                q = self.q_a_layernorm(q) @ self._frozen["q_t"]
+            q_lat, q_rope = torch.split(q, [heads * kv, heads * rope_dim], dim=-1)
+            pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
+            rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
+            latent = cache.write(self.layer_idx, torch.cat([self.kv_a_layernorm(c_kv), rotated[:, :, -1]], dim=-1))
+            queries = torch.cat([q_lat.view(bsz, seq, heads, kv), rotated[:, :, :-1]], dim=-1)
+        if seq == 1:  # decode: the bias [B,1,S] broadcasts over the heads; 0 / -inf adds exactly as below
+            scores = torch.baddbmm(bias, queries.view(bsz, heads, -1), latent.transpose(1, 2))
+        else:
+            scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
+            scores = (scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)).view(bsz, seq * heads, -1)
+        ctx = torch.bmm(torch.softmax(scores, dim=-1), latent[..., :kv])
         return ctx.view(bsz, seq, heads * kv) @ self._frozen["o_t"]

@@ -57,8 +57,12 @@ class DecoderLayer(nn.Module):
         rope: torch.Tensor,
         bias: torch.Tensor,
         cache: MLACache | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope=rope, bias=bias, cache=cache)
+        """``last_only``: keys/values (and the cache) cover every position, but only the last
+        position's output ``[B,1,D]`` is computed (the top layer when only the last logits matter)."""
+        a = self.self_attn(self.input_layernorm(h), rope=rope, bias=bias, cache=cache, last_only=last_only)
+        h = (h[:, -1:] if last_only else h) + a
         ffn: torch.Tensor = self.mlp(self.post_attention_layernorm(h))
         return h + ffn
 
@@ -136,6 +140,8 @@ class KimiForCausalLM(nn.Module):
 
         ``attention_mask [B,T]`` covers the new tokens only; the cache remembers earlier ones.
         """
+        if cache is not None and attention_mask is None and input_ids.shape[1] == 1:
+            return self._decode_step(input_ids, position_ids=position_ids, cache=cache)
         bsz, seq = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
@@ -153,12 +159,29 @@ class KimiForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         bias = _attention_bias(key_mask, past=past, seq=seq, dtype=h.dtype)
         rope = self.model.rotary_emb(position_ids)
-        for layer in self.model.layers:
-            h = layer(h, rope=rope, bias=bias, cache=cache)
+        top = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, rope=rope, bias=bias, cache=cache, last_only=last_token_only and i == top)
         if cache is not None:
             cache.advance(seq, new_mask)
-        if last_token_only:
-            h = h[:, -1:]
+        logits: torch.Tensor = self.lm_head(self.model.norm(h))
+        return logits
+
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None, cache: MLACache
+    ) -> torch.Tensor:
+        """One real new token per row (the sampler's decode step): the same values as the general
+        path, with the cache's running additive bias and position counter instead of rebuilding
+        the mask, cumsum and bias each step. ``[B,1,V]``."""
+        if position_ids is None:
+            position_ids = cache.next_position[:, None]
+        bias = cache.append_real_token()
+        h = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(position_ids)
+        for layer in self.model.layers:
+            h = layer(h, rope=rope, bias=bias, cache=cache)
+        cache.advance_one()
         logits: torch.Tensor = self.lm_head(self.model.norm(h))
         return logits
 

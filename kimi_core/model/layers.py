@@ -105,8 +105,14 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     in fp32 and kept interleaved. Upstream reorders the output to (all evens, all odds); queries and
     keys share whichever layout is used, so attention scores are the same.
     """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(as_fp32(x).reshape(*x.shape[:-1], -1, 2))
+    out = torch.view_as_real(pairs * rope).flatten(-2)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def as_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` without a dispatch when ``x`` is already fp32 (the decode loop calls it per layer)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 class MLP(nn.Module):

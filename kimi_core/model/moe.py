@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_core.model.config import ModelConfig
-from kimi_core.model.layers import MLP
+from kimi_core.model.layers import MLP, as_fp32
 
 BATCHED_MAX_TOKENS = 512  # above this, packing to a padded [E, capacity, D] block wastes more than it saves
 
@@ -42,7 +42,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N,D] -> (weights [N,k] fp32, expert ids [N,k])``."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        scores = F.linear(as_fp32(x), as_fp32(self.weight)).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
@@ -82,7 +82,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, expert_ids = self.gate(flat)
-        weights = weights.to(x.dtype)
+        if weights.dtype != x.dtype:
+            weights = weights.to(x.dtype)
         batched = self._frozen is not None and not torch.is_grad_enabled() and flat.shape[0] <= BATCHED_MAX_TOKENS
         if batched:
             routed = self._routed_batched(flat, weights, expert_ids)

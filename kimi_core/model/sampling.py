@@ -82,17 +82,29 @@ def sample_next(
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, F.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    logp = F.log_softmax(logits / temperature, dim=-1)
+    logp = F.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
     probs = logp.exp()
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        tokens = order.gather(1, choice)[:, 0]
+        tokens = order.gather(1, _draw_one(sorted_probs, generator)[:, None])[:, 0]
     else:
-        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        tokens = _draw_one(probs, generator)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _draw_one(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, generator=generator)[:, 0]`` without its input checks.
+
+    ATen draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` from
+    ``empty_like(probs).exponential_(generator)``; doing the same here gives the same tokens and
+    consumes the generator identically (pinned by tests/model/test_sampling_pinned.py), minus
+    multinomial's validation reductions and host syncs (min/max/sum + two ``.item()``) per step.
+    ``probs`` come from a softmax here, so they are non-negative with positive row sums.
+    """
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.div(probs, q, out=q).argmax(dim=-1)
 
 
 @dataclass
