@@ -75,7 +75,9 @@ def make_engine(recipe: Recipe, workdir: Path, base_dir: Path) -> tuple[LocalEng
     dataset = recipe.eval.datasets[0]
     held_out = prepare_dataset(dataset.path, out_dir=data_dir, name=f"eval-{dataset.name}",
                                input_key=recipe.data.input_key, label_key=recipe.data.label_key)
-    paths = RunPaths.of(workdir / "runs", "learning-curve").ensure()
+    paths = RunPaths.of(workdir / "runs", "learning-curve")
+    shutil.rmtree(paths.run_dir, ignore_errors=True)  # the loop saves on the schedule: start each run afresh
+    paths.ensure()
     engine = LocalEngine(recipe, paths=paths,
                          inputs=EngineInputs(str(train.path), {dataset.name: str(held_out.path)}, str(base_dir)))
     engine.start(None)
