@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from kimi_core.engines.base import ROLLOUT_METRICS_FILE
+from kimi_core import stages
+from kimi_core.engines.base import ROLLOUT_METRICS_FILE, EngineInputs, TrackingTarget
 from kimi_core.recipe import plan_run, recipe_hash, recipe_to_dict
 from kimi_core.run_state import checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
@@ -66,6 +67,30 @@ class RunLedger:
             return configured
         return resolve_tracking_uri(self.paths.mlflow_db)
 
+    @property
+    def engine_name(self) -> str:
+        """The engine the recipe runs on (the MLflow `engine` tag): `miles` on GPU, `local` on CPU."""
+        return "local" if self.recipe.cluster.accelerator == "cpu" else "miles"
+
+    @property
+    def engine_logs_own_metrics(self) -> bool:
+        """Whether the engine logs its metrics to the run itself (miles): it must know the MLflow
+        run before it is built."""
+        return self.engine_name == "miles"
+
+    def engine_inputs(self, data: dict[str, Any], model: dict[str, Any]) -> EngineInputs:
+        """The engine's inputs from the stage results (`convert_checkpoint`'s from the manifest) and,
+        for a self-logging engine, the run's MLflow run (open it first: `open_tracking`)."""
+        converted = self.manifest.stages.get("convert_checkpoint")
+        tracking = None
+        if self.engine_logs_own_metrics:
+            tracker = self.tracker
+            assert tracker.tracking_uri is not None
+            tracking = TrackingTarget(tracking_uri=tracker.tracking_uri, experiment=self.recipe.tracking.experiment,
+                                      run_id=tracker.run_id)
+        result = converted.result if converted is not None and isinstance(converted.result, dict) else None
+        return stages.engine_inputs(data, model, result, tracking=tracking)
+
     def open_tracking(self, *, attempt: int, engine: str) -> RunTracker:
         """Create the run's MLflow run once; reopen it by id (from the manifest) on resume.
 
@@ -99,13 +124,15 @@ class RunLedger:
                                               run_id=self.manifest.mlflow_run_id)
         return self._tracker
 
+    def tracking_running(self) -> bool:
+        """Whether an attempt holds the run's MLflow run open (RUNNING)."""
+        return self.manifest.mlflow_run_id is not None and self.tracker.status() == "RUNNING"
+
     def close_tracking(self, status: str) -> None:
         """End the MLflow run with `status` if an attempt holds it open (RUNNING). A run that is
         already FINISHED stays so: an attempt that fails before reopening it (say, extending a
         finished run with a bad override) never marks the finished run FAILED."""
-        if self.manifest.mlflow_run_id is None:
-            return
-        if self.tracker.status() == "RUNNING":
+        if self.tracking_running():
             self.tracker.close(status)
 
     def logged_steps(self, key: str) -> set[int]:
@@ -136,7 +163,8 @@ class RunLedger:
         logged_evals = self.logged_eval_steps()
         return RolloutLoop(
             session=session, plan=self.plan, start=start, stop=stop or StopRequest(),
-            recorder=RunRecorder(self.tracker, Progress(start=start, end=self.plan.num_rollout)),
+            recorder=RunRecorder(self.tracker, Progress(start=start, end=self.plan.num_rollout),
+                                 train_steps_per_rollout=self.plan.steps_per_rollout),
             pending_evals=RolloutLoop.evals_owed(self.plan, start=start, logged_evals=logged_evals),
             logged_rollouts=self.logged_rollouts(start), logged_evals=logged_evals,
             failures=lambda stage, rollout_id, error: self.manifest.record_failure(
