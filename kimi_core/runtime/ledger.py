@@ -23,7 +23,7 @@ from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.loop import RolloutLoop, Session, StopRequest
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.runtime.progress import Progress, console
-from kimi_core.runtime.recording import RunRecorder
+from kimi_core.runtime.recording import STEP_TIME_METRIC, RunRecorder
 from kimi_core.runtime.tracking import RunTracker, git_sha, resolve_tracking_uri
 
 #: The recipe field that says how far a run goes: it may grow when a run is extended
@@ -147,14 +147,21 @@ class RunLedger:
 
     def logged_rollouts(self, start: int) -> set[int]:
         """Rollouts whose metrics MLflow holds, after back-filling those the checkpoint before `start`
-        holds but MLflow does not (an engine saved them, then its orchestrator died before logging)."""
-        logged = self.logged_steps("rollout/raw_reward")
+        holds but MLflow does not (an engine saved them, then its orchestrator died before logging).
+
+        A rollout counts as logged when the driver logged it: `rollout/raw_reward` comes in the same
+        batch for the local engine, but a self-logging engine (miles) logs that key itself, before
+        its rollout trains, so there the driver's own `perf/step_time` decides."""
+        logged = self.logged_steps(STEP_TIME_METRIC if self.engine_logs_own_metrics else "rollout/raw_reward")
         saved = checkpoint_dir(self.paths, start - 1) / ROLLOUT_METRICS_FILE if start > 0 else None
         if saved is not None and saved.is_file():
-            for rollout_id, metrics in json.loads(saved.read_text()).items():
-                if int(rollout_id) not in logged:
-                    self.tracker.log_metrics(metrics, step=int(rollout_id))
-                    logged.add(int(rollout_id))
+            entries = {int(rollout_id): metrics for rollout_id, metrics in json.loads(saved.read_text()).items()}
+            keys = sorted({key for metrics in entries.values() for key in metrics})
+            filled = self.logged_steps(keys[0]) if keys else set()  # back-filled by an earlier resume
+            for rollout_id, metrics in entries.items():
+                if rollout_id not in logged and rollout_id not in filled and metrics:
+                    self.tracker.log_metrics(metrics, step=rollout_id)
+                logged.add(rollout_id)
         return logged
 
     def rollout_loop(self, session: Session, *, start: int, stop: StopRequest | None = None) -> RolloutLoop:
