@@ -95,15 +95,16 @@ class CurveRecorder:
         self.eval_started = time.perf_counter()
         print(f"{'rollout':>8} {'eval':>8} {'mean_reward':>12} {'grpo_s':>8} {'eval_s':>7}")
 
-    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> None:
+    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> RolloutResult:
         self.grpo_s += step_time
         self.done = result.rollout_id + 1
         self.rewards.append(result.metrics["rollout/raw_reward"])
         if self.grpo_s >= self.budget_s:
             self.stop.request("time budget")
         self.eval_started = time.perf_counter()
+        return result
 
-    def eval(self, result: EvalResult, *, log_metrics: bool) -> None:
+    def eval(self, result: EvalResult, *, log_metrics: bool) -> EvalResult:
         rollout = result.rollout_id if self.done else -1  # -1: the eval before training
         reward = sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
         row = {"rollout": rollout, "eval": result.metrics[f"eval/{self.name}"], "reward": reward,
@@ -112,6 +113,7 @@ class CurveRecorder:
               flush=True)
         self.rows.append(row)
         self.rewards = []
+        return result
 
 
 def run_curve(recipe: Recipe, engine: LocalEngine, name: str, *, budget_s: float) -> CurveRecorder:

@@ -228,13 +228,14 @@ class BareRecorder:
         self.first_start = time.time()
         self.last_end, self.engine_s, self.rollouts = self.first_start, 0.0, 0
 
-    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> None:
+    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> RolloutResult:
         self.engine_s += sum(result.metrics[key] for key in ENGINE_METRICS)
         self.rollouts += 1
         self.last_end = time.time()
+        return result
 
-    def eval(self, result: EvalResult, *, log_metrics: bool) -> None:
-        pass
+    def eval(self, result: EvalResult, *, log_metrics: bool) -> EvalResult:
+        return result
 
 
 def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dict[str, Any]) -> Side:

@@ -21,7 +21,7 @@ from kimi_core.atomic import write_text_atomic
 from kimi_core.checkpoint.cache import Mode, cached_conversion
 from kimi_core.checkpoint.hf import verify_hf_checkpoint
 from kimi_core.data import PREP_VERSION, PrepResult, prepare_dataset
-from kimi_core.engines.base import EngineInputs
+from kimi_core.engines.base import EngineInputs, TrackingTarget
 from kimi_core.recipe import Recipe, resolve_path
 from kimi_core.run_state import TRACKER_FILENAME, RunPaths
 from kimi_core.tokenizer import KimiByteTokenizer
@@ -131,8 +131,12 @@ def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -
     return {"conversions": [asdict(result)], "ref_load": dst, "cached": result.cached}
 
 
-def engine_inputs(data: dict[str, Any], model: dict[str, Any]) -> EngineInputs:
-    """What the engine reads, from the results of `prepare_data` and `acquire_model`."""
+def engine_inputs(data: dict[str, Any], model: dict[str, Any], converted: dict[str, Any] | None = None, *,
+                  tracking: TrackingTarget | None = None) -> EngineInputs:
+    """What the engine reads, from the results of `prepare_data`, `acquire_model` and
+    `convert_checkpoint` (its `ref_load`, when it made one), and the MLflow run a self-logging
+    engine logs into."""
     return EngineInputs(train_data=data["train"]["path"],
                         eval_data={name: e["path"] for name, e in data["eval"].items()},
-                        initial_checkpoint=model["hf_checkpoint"])
+                        initial_checkpoint=model["hf_checkpoint"],
+                        reference_checkpoint=(converted or {}).get("ref_load"), tracking=tracking)

@@ -53,6 +53,9 @@ class RolloutResult:
     rollout_id: int
     metrics: dict[str, float]  # miles names: rollout/..., train/..., perf/...
     checkpoint: str | None  # the committed checkpoint dir when this rollout saved, else None
+    #: The engine logged its own metrics of this rollout to `EngineInputs.tracking` (miles): `metrics`
+    #: holds only the driver's own, and the runtime reads the rest back from MLflow (never logs them).
+    logged_by_engine: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class EvalResult:
     rollout_id: int
     metrics: dict[str, float]  # eval/<name>, eval/<name>/pass_at_<k>, ...
     samples: tuple[dict[str, Any], ...]  # sample generations for the MLflow table
+    logged_by_engine: bool = False  # as `RolloutResult.logged_by_engine`
 
 
 class Engine(Protocol):

@@ -42,6 +42,14 @@ def _stages(ledger: RunLedger) -> tuple[dict[str, Any], dict[str, Any]]:
     return data, model
 
 
+def _close_engine(session: EngineSession) -> None:
+    """Close the engine before the MLflow run ends (miles disposes its rollout engines)."""
+    try:
+        session.close()
+    except Exception as exc:  # a broken engine: this process ends next, which frees it
+        console.print(f"engine not closed cleanly ({type(exc).__name__}: {exc})", markup=False)
+
+
 def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     """All stages and rollouts of the run; returns the process exit code."""
     if completed_run(ctx) is not None:
@@ -55,13 +63,19 @@ def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     attempt = ledger.manifest.begin_attempt(reason="sbatch" if first == 0 else "resume", start_rollout_id=first)
     if os.environ.get("SLURM_JOB_ID"):
         ledger.manifest.add_slurm_job_id(os.environ["SLURM_JOB_ID"])
-    tracker = ledger.open_tracking(attempt=attempt, engine="local")
-    session = EngineSession(ctx, stages.engine_inputs(data, model), num_threads=engine_threads())
+    tracker = ledger.open_tracking(attempt=attempt, engine=ledger.engine_name)  # before the engine: miles logs to it
+    session = EngineSession(ctx, ledger.engine_inputs(data, model), num_threads=engine_threads())
     start = session.start()
     ledger.manifest.set_start_rollout(start)
     loop = ledger.rollout_loop(session, start=start, stop=stop)
-    outcome = loop.run()
+    try:
+        outcome = loop.run()
+    except BaseException:
+        _close_engine(session)
+        tracker.close("FAILED")  # last: miles' exit hooks may have ended the run as FINISHED
+        raise
     tracker.log_curves_png()
+    _close_engine(session)
     if not outcome.finished:
         console.print(f"stop requested ({stop.reason}): saved rollout {outcome.last_rollout}; exiting for requeue",
                       markup=False)

@@ -35,14 +35,15 @@ from kimi_core.runtime.ray_local import (
     stop_local_ray_head,
     worker_port_range,
 )
-from kimi_core.runtime.session import ActorSession, attach_actor, engine_threads, lookup_actor
+from kimi_core.runtime.session import ActorOptions, ActorSession, attach_actor, engine_threads, lookup_actor
 from kimi_core.runtime.status import RunSummary
-from kimi_core.stages import engine_inputs
 
 NAMESPACE = "kimi-grpo"
 BRING_UP = "bring_up_cluster"
 #: Seconds after its owner stops touching the lease that a loopback head ends itself.
 LOCAL_LEASE_S = 30.0
+#: Seconds the engine may take to close (miles: dispose its rollout engines) before its actor is killed.
+ENGINE_CLOSE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -184,13 +185,17 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     started = time.perf_counter()
     ledger = RunLedger(ctx)
     LIVE.connect(cluster.address)
-    actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=engine_inputs(data, model),
-                                     num_threads=engine_threads())
-    starting = actor.start.remote()  # the engine loads its checkpoint while the MLflow run opens
     first = ledger.start_rollout_id()
     attempt = ledger.manifest.begin_attempt(
         reason="start" if first == 0 and not ledger.manifest.resume_history else "resume", start_rollout_id=first)
-    tracker = ledger.open_tracking(attempt=attempt, engine="local")
+    # A self-logging engine (miles) is built with the MLflow run it logs into: open the run first.
+    # The local engine loads its checkpoint while the run opens.
+    tracker = ledger.open_tracking(attempt=attempt, engine=ledger.engine_name) if ledger.engine_logs_own_metrics else None
+    actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=ledger.engine_inputs(data, model),
+                                     options=ActorOptions.for_recipe(ledger.recipe), num_threads=engine_threads())
+    starting = actor.start.remote()
+    if tracker is None:
+        tracker = ledger.open_tracking(attempt=attempt, engine=ledger.engine_name)
     start: int = ActorSession.get(starting, "open_session")
     ledger.manifest.set_start_rollout(start)
     loop = ledger.rollout_loop(ActorSession(actor), start=start)
@@ -228,35 +233,48 @@ def evaluate(handle: SessionHandle, rollout_id: int) -> EvalResult:
 
 # ---- the end ---------------------------------------------------------------------------------
 def finish(handle: SessionHandle) -> RunSummary:
-    """Close the MLflow run, stop the engine actor and the run's local Ray head (by pid)."""
+    """Close the engine, stop its actor and the run's local Ray head (by pid), then end the MLflow run.
+
+    The MLflow status is set last: miles' processes attach to the run and an exit hook of theirs
+    may end it (FINISHED) as they go, so our terminal status must come after they are gone."""
     ledger = RunLedger(handle.run)
     latest = ledger.start_rollout_id() - 1
     complete = latest == ledger.recipe.rollout.num_rollout - 1
     ledger.tracker.log_curves_png()
-    ledger.tracker.close("FINISHED" if complete else "KILLED")
     _release(ledger, handle)
+    ledger.tracker.close("FINISHED" if complete else "KILLED")
     ledger.manifest.update(finished=complete)
     return RunSummary(run_name=ledger.paths.run_name, latest_checkpoint=latest, complete=complete,
                       mlflow_run_id=ledger.manifest.mlflow_run_id, tracking_uri=ledger.manifest.mlflow_tracking_uri)
 
 
 def abort(ctx: RunContext, handle: SessionHandle | None, status: str = "FAILED") -> None:
-    """After a failure that stops the flow: end the MLflow run with `status` (if this attempt had
-    reopened it) and release the local cluster, so that no Ray head or engine process outlives the
-    run. Checkpoints and the manifest stay: the same command resumes once the cause is fixed."""
+    """After a failure that stops the flow: release the engine and the local cluster, so that no Ray
+    head or engine process outlives the run, then end the MLflow run with `status` if this attempt
+    had reopened it (decided before the engine's processes end: see `finish`). Checkpoints and the
+    manifest stay: the same command resumes once the cause is fixed."""
     ledger = RunLedger(ctx)
-    ledger.close_tracking(status)
+    reopened = ledger.tracking_running()
     _release(ledger, handle)
+    if reopened:
+        ledger.tracker.close(status)
 
 
 def _release(ledger: RunLedger, handle: SessionHandle | None) -> None:
-    """Stop the engine actor and the run's local Ray head (by pid); record the head as stopped."""
+    """Close the engine (miles disposes its SGLang engines), stop its actor and the run's local Ray
+    head (by pid); record the head as stopped."""
     import ray  # noqa: PLC0415 - only processes that talk to the cluster import Ray
 
     LIVE.drop(ledger.ctx)
     if handle is not None and ray.is_initialized():
         try:
-            ray.kill(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE))
+            actor = lookup_actor(ledger.paths.run_name, namespace=NAMESPACE)
+            try:
+                ray.get(actor.close.remote(), timeout=ENGINE_CLOSE_S)
+            except Exception as exc:  # a broken or hung engine: the kill below ends it
+                console.print(f"engine not closed cleanly ({type(exc).__name__}: {exc}); stopping its actor",
+                              markup=False)
+            ray.kill(actor)
         except Exception as exc:
             console.print(f"engine actor not stopped ({type(exc).__name__}: {exc}); its Ray head is stopped next",
                           markup=False)

@@ -15,14 +15,15 @@ from typing import Any
 
 import yaml
 
-from kimi_core.engines.base import ROLLOUT_METRICS_FILE
+from kimi_core import stages
+from kimi_core.engines.base import ROLLOUT_METRICS_FILE, EngineInputs, TrackingTarget
 from kimi_core.recipe import plan_run, recipe_hash, recipe_to_dict
 from kimi_core.run_state import checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.loop import RolloutLoop, Session, StopRequest
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.runtime.progress import Progress, console
-from kimi_core.runtime.recording import RunRecorder
+from kimi_core.runtime.recording import STEP_TIME_METRIC, RunRecorder
 from kimi_core.runtime.tracking import RunTracker, git_sha, resolve_tracking_uri
 
 #: The recipe field that says how far a run goes: it may grow when a run is extended
@@ -66,6 +67,30 @@ class RunLedger:
             return configured
         return resolve_tracking_uri(self.paths.mlflow_db)
 
+    @property
+    def engine_name(self) -> str:
+        """The engine the recipe runs on (the MLflow `engine` tag): `miles` on GPU, `local` on CPU."""
+        return "local" if self.recipe.cluster.accelerator == "cpu" else "miles"
+
+    @property
+    def engine_logs_own_metrics(self) -> bool:
+        """Whether the engine logs its metrics to the run itself (miles): it must know the MLflow
+        run before it is built."""
+        return self.engine_name == "miles"
+
+    def engine_inputs(self, data: dict[str, Any], model: dict[str, Any]) -> EngineInputs:
+        """The engine's inputs from the stage results (`convert_checkpoint`'s from the manifest) and,
+        for a self-logging engine, the run's MLflow run (open it first: `open_tracking`)."""
+        converted = self.manifest.stages.get("convert_checkpoint")
+        tracking = None
+        if self.engine_logs_own_metrics:
+            tracker = self.tracker
+            assert tracker.tracking_uri is not None
+            tracking = TrackingTarget(tracking_uri=tracker.tracking_uri, experiment=self.recipe.tracking.experiment,
+                                      run_id=tracker.run_id)
+        result = converted.result if converted is not None and isinstance(converted.result, dict) else None
+        return stages.engine_inputs(data, model, result, tracking=tracking)
+
     def open_tracking(self, *, attempt: int, engine: str) -> RunTracker:
         """Create the run's MLflow run once; reopen it by id (from the manifest) on resume.
 
@@ -99,13 +124,15 @@ class RunLedger:
                                               run_id=self.manifest.mlflow_run_id)
         return self._tracker
 
+    def tracking_running(self) -> bool:
+        """Whether an attempt holds the run's MLflow run open (RUNNING)."""
+        return self.manifest.mlflow_run_id is not None and self.tracker.status() == "RUNNING"
+
     def close_tracking(self, status: str) -> None:
         """End the MLflow run with `status` if an attempt holds it open (RUNNING). A run that is
         already FINISHED stays so: an attempt that fails before reopening it (say, extending a
         finished run with a bad override) never marks the finished run FAILED."""
-        if self.manifest.mlflow_run_id is None:
-            return
-        if self.tracker.status() == "RUNNING":
+        if self.tracking_running():
             self.tracker.close(status)
 
     def logged_steps(self, key: str) -> set[int]:
@@ -120,14 +147,21 @@ class RunLedger:
 
     def logged_rollouts(self, start: int) -> set[int]:
         """Rollouts whose metrics MLflow holds, after back-filling those the checkpoint before `start`
-        holds but MLflow does not (an engine saved them, then its orchestrator died before logging)."""
-        logged = self.logged_steps("rollout/raw_reward")
+        holds but MLflow does not (an engine saved them, then its orchestrator died before logging).
+
+        A rollout counts as logged when the driver logged it: `rollout/raw_reward` comes in the same
+        batch for the local engine, but a self-logging engine (miles) logs that key itself, before
+        its rollout trains, so there the driver's own `perf/step_time` decides."""
+        logged = self.logged_steps(STEP_TIME_METRIC if self.engine_logs_own_metrics else "rollout/raw_reward")
         saved = checkpoint_dir(self.paths, start - 1) / ROLLOUT_METRICS_FILE if start > 0 else None
         if saved is not None and saved.is_file():
-            for rollout_id, metrics in json.loads(saved.read_text()).items():
-                if int(rollout_id) not in logged:
-                    self.tracker.log_metrics(metrics, step=int(rollout_id))
-                    logged.add(int(rollout_id))
+            entries = {int(rollout_id): metrics for rollout_id, metrics in json.loads(saved.read_text()).items()}
+            keys = sorted({key for metrics in entries.values() for key in metrics})
+            filled = self.logged_steps(keys[0]) if keys else set()  # back-filled by an earlier resume
+            for rollout_id, metrics in entries.items():
+                if rollout_id not in logged and rollout_id not in filled and metrics:
+                    self.tracker.log_metrics(metrics, step=rollout_id)
+                logged.add(rollout_id)
         return logged
 
     def rollout_loop(self, session: Session, *, start: int, stop: StopRequest | None = None) -> RolloutLoop:
@@ -136,7 +170,8 @@ class RunLedger:
         logged_evals = self.logged_eval_steps()
         return RolloutLoop(
             session=session, plan=self.plan, start=start, stop=stop or StopRequest(),
-            recorder=RunRecorder(self.tracker, Progress(start=start, end=self.plan.num_rollout)),
+            recorder=RunRecorder(self.tracker, Progress(start=start, end=self.plan.num_rollout),
+                                 train_steps_per_rollout=self.plan.steps_per_rollout),
             pending_evals=RolloutLoop.evals_owed(self.plan, start=start, logged_evals=logged_evals),
             logged_rollouts=self.logged_rollouts(start), logged_evals=logged_evals,
             failures=lambda stage, rollout_id, error: self.manifest.record_failure(

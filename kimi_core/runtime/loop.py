@@ -38,9 +38,11 @@ class Session(Protocol):
 class Recorder(Protocol):
     """Where results go (MLflow and the progress line, or a list in a benchmark)."""
 
-    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> None: ...
+    def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> RolloutResult:
+        """Keep `result`; return it as the step returns it (an engine's self-logged metrics read back)."""
 
-    def eval(self, result: EvalResult, *, log_metrics: bool) -> None: ...
+    def eval(self, result: EvalResult, *, log_metrics: bool) -> EvalResult:
+        """Keep `result`; return it as the step returns it."""
 
 
 _R = TypeVar("_R", RolloutResult, EvalResult)
@@ -160,8 +162,8 @@ class RolloutLoop:
         started = time.perf_counter()
         result = self._call("train_rollout", rollout_id,
                             lambda: self.session.train_rollout(rollout_id, save=save, force_sync=force_sync))
-        self.recorder.rollout(result, step_time=time.perf_counter() - started,
-                              log_metrics=rollout_id not in self.logged_rollouts)
+        result = self.recorder.rollout(result, step_time=time.perf_counter() - started,
+                                       log_metrics=rollout_id not in self.logged_rollouts)
         self.logged_rollouts.add(rollout_id)
         self.unsaved = result.checkpoint is None
         self.last_rollout = rollout_id
@@ -169,7 +171,7 @@ class RolloutLoop:
 
     def evaluate(self, rollout_id: int) -> EvalResult:
         result = self._call("evaluate", rollout_id, lambda: self.session.evaluate(rollout_id))
-        self.recorder.eval(result, log_metrics=rollout_id not in self.logged_evals)
+        result = self.recorder.eval(result, log_metrics=rollout_id not in self.logged_evals)
         self.logged_evals.add(rollout_id)
         return result
 

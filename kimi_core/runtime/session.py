@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from kimi_core.engines import make_engine
 from kimi_core.engines.base import EngineBroken, EngineInputs, EvalResult, RolloutResult
+from kimi_core.recipe import Recipe
 from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import SessionLost
@@ -94,9 +96,46 @@ def actor_name(run_name: str) -> str:
     return f"kimi-grpo-engine-{run_name}"
 
 
-def attach_actor(*, namespace: str, ctx: RunContext, inputs: EngineInputs, num_cpus: float = 1,
+#: Ray's resource on the head node only (Ray 2.60: `ray._common.constants.HEAD_NODE_RESOURCE_NAME`);
+#: asking for a sliver of it pins an actor to the head (as Ray Train's state actor does).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+#: Makes Ray kill the processes a worker started (SGLang servers) when the worker exits.
+KILL_CHILDREN_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """How the engine actor is placed, as data: the local recipe's defaults, or `for_recipe`'s for a
+    GPU recipe (miles: no GPU of its own — miles places its GPU actors itself —, on the head node,
+    the recipe's `env` and the child-killing switch in its runtime env)."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    on_head_node: bool = False
+    env_vars: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> ActorOptions:
+        if recipe.cluster.accelerator == "cpu":
+            return cls()
+        return cls(on_head_node=True, env_vars=tuple(sorted({**recipe.env, KILL_CHILDREN_ENV: "1"}.items())))
+
+    def ray_options(self) -> dict[str, Any]:
+        """Keyword arguments of `.options()` besides the name: always detached, never restarted by Ray
+        (a lost session is resumed by the flow from the latest checkpoint)."""
+        options: dict[str, Any] = {"lifetime": "detached", "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                   "max_concurrency": 2, "max_restarts": 0}
+        if self.on_head_node:
+            options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+        if self.env_vars:
+            options["runtime_env"] = {"env_vars": dict(self.env_vars)}
+        return options
+
+
+def attach_actor(*, namespace: str, ctx: RunContext, inputs: EngineInputs, options: ActorOptions = ActorOptions(),
                  num_threads: int | None = None) -> tuple[Any, bool]:
-    """Create the run's detached engine actor, or re-attach to it by name (Ray must be connected).
+    """Create the run's detached engine actor with `options`, or re-attach to it by name (Ray must be
+    connected).
 
     Returns at once with `(actor handle, reattached)`: a new actor builds its engine in the
     background; call `start` on it to (re)load the latest checkpoint.
@@ -108,8 +147,8 @@ def attach_actor(*, namespace: str, ctx: RunContext, inputs: EngineInputs, num_c
         return ray.get_actor(name, namespace=namespace), True
     except ValueError:
         remote_cls = ray.remote(EngineSession)
-        actor = remote_cls.options(name=name, namespace=namespace, lifetime="detached", num_cpus=num_cpus,
-                                   max_concurrency=2, max_restarts=0).remote(ctx, inputs, num_threads=num_threads)
+        actor = remote_cls.options(name=name, namespace=namespace, **options.ray_options()).remote(
+            ctx, inputs, num_threads=num_threads)
         return actor, False
 
 

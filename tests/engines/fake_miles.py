@@ -5,14 +5,28 @@ Its functions read the patched `sys.argv` as miles' `parse_args` does, write wha
 resolved by its `get` and coroutines for the train group, and record every call the driver makes
 with its arguments, in order (`FakeMiles.calls`). Fault switches per call name (`fail`): raise,
 hang (until the engine's timeout; released at `release()`), or an actor death.
+
+With `--use-mlflow --mlflow-run-id`, its "secondary loggers" log what miles' processes log, under
+miles' names and step axes, into that MLflow run through `MlflowClient` (as miles' RolloutManager
+and train main rank attach to the run by id): `generate(i)` logs `rollout/raw_reward`,
+`rollout/step` and `perf/rollout_time` at step i; `train(i)` logs `train/grad_norm`, `train/loss`
+and `train/step` at each optimizer sub-step `i * k + j` (k = rollout batch x samples / global
+batch) and `perf/train_time` at step i; `eval(i)` logs `eval/<name>` and `eval/step` at step i.
+The values are `metric_value(...)` (plus `value_offset`, so that a redone rollout logs others).
+
+For a double in another process (the flow's Ray actor), `$KIMI_GRPO_FAKE_MILES_EXIT=I:MARKER`
+makes `train(I)` end its process (a real actor death) once: when MARKER does not exist yet (it
+is created first).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +36,12 @@ from kimi_core.engines.miles.api import MilesApi
 
 CUDA_GRAPH, KV_CACHE, WEIGHTS = "cuda_graph", "kv_cache", "weights"  # sglang.srt.constants values
 TRACKER = "latest_checkpointed_iteration.txt"
+EXIT_ENV = "KIMI_GRPO_FAKE_MILES_EXIT"
+
+
+def metric_value(key: str, step: int, offset: float = 0.0) -> float:
+    """The value the double logs for `key` at `step` (distinct per key and step)."""
+    return round((sum(map(ord, key)) % 97) / 100 + step / 1000 + offset, 6)
 
 
 class FakeActorDied(RuntimeError):
@@ -43,13 +63,14 @@ class FakeMiles:
     store_initialised: bool = False
     loaded_position: bytes | None = None  # what RolloutManager.load read (create_training_models)
     start_override: int | None = None  # make miles derive another first rollout (a mismatch)
+    value_offset: float = 0.0  # added to every logged metric value
     args: Any = None
     _api: MilesApi | None = None
 
     # ---- faults -----------------------------------------------------------------------------
     def fail(self, name: str, *kinds: str) -> None:
         """The next calls of `name` (e.g. "rm.generate", "actor.train") fail with `kinds` in order:
-        "raise", "hang" or "die" ("exit" for parse_args: argparse's SystemExit)."""
+        "raise", "hang" or "die" ("exit" for parse_args: argparse's SystemExit); "ok" lets that call pass."""
         self.faults.setdefault(name, []).extend(kinds)
 
     def release(self) -> None:
@@ -96,7 +117,19 @@ class FakeMiles:
         p.add_argument("--offload-rollout-level", nargs="+", default=["kv_cache", "weight"])
         p.add_argument("--skip-eval-before-train", action="store_true")
         p.add_argument("--start-rollout-id", type=int)
+        p.add_argument("--use-mlflow", action="store_true")
+        p.add_argument("--mlflow-tracking-uri")
+        p.add_argument("--mlflow-run-id")
+        p.add_argument("--rollout-batch-size", type=int, default=1)
+        p.add_argument("--n-samples-per-prompt", type=int, default=1)
+        p.add_argument("--global-batch-size", type=int)
+        p.add_argument("--num-steps-per-rollout", type=int)
+        p.add_argument("--eval-prompt-data", nargs="+", default=[])
         args, _unknown = p.parse_known_args(argv)
+        if args.num_steps_per_rollout is None:  # miles_validate_args derives it from the global batch
+            samples = args.rollout_batch_size * args.n_samples_per_prompt
+            args.num_steps_per_rollout = samples // args.global_batch_size if args.global_batch_size else 1
+        args.eval_names = args.eval_prompt_data[0::2]
         args.argv = argv
         args.offload_train = args.offload_rollout = args.colocate  # miles_validate_args' colocate defaults
         args.use_critic = False
@@ -137,6 +170,21 @@ class FakeMiles:
         position = Path(args.save) / "rollout" / f"global_dataset_state_dict_{args.start_rollout_id - 1}.pt"
         self.loaded_position = position.read_bytes() if position.is_file() else None
         return FakeTrainGroup(self, args), None
+
+    # ---- miles' secondary loggers ---------------------------------------------------------
+    def log(self, metrics: dict[str, int | None], step: int) -> None:
+        """Log `metrics` (key -> the value's step, or None for `step`) at `step` to the run of
+        `--mlflow-run-id`, as miles' MLflow backend does (`mlflow.log_metrics` on the attached run)."""
+        args = self.args
+        if args is None or not args.use_mlflow or not args.mlflow_run_id:
+            return
+        from mlflow import MlflowClient  # only a double that logs needs MLflow
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(step) if key.endswith("/step") else metric_value(key, step, self.value_offset),
+                        now, step) for key in metrics]
+        MlflowClient(tracking_uri=args.mlflow_tracking_uri).log_batch(args.mlflow_run_id, metrics=batch)
 
     def remove_rollout_data_refs(self, args: Any, pack: dict[str, Any]) -> None:
         self.calls.append(("remove_rollout_data_refs", pack["rollout_id"]))
@@ -197,14 +245,19 @@ class FakeRolloutManager:
     def __init__(self, fake: FakeMiles, args: Any):
         self.fake, self.args = fake, args
         self.position = 0
-        for name in ("offload", "onload_weights", "onload_kv", "eval", "dispose"):
+        for name in ("offload", "onload_weights", "onload_kv", "dispose"):
             setattr(self, name, _Method(self, name, lambda *a, **k: None))
+        self.eval = _Method(self, "eval", self._eval)
         self.generate = _Method(self, "generate", self._generate)
         self.save = _Method(self, "save", self._save)
 
     def _generate(self, rollout_id: int) -> dict[str, Any]:
         self.position += 1
+        self.fake.log({"rollout/raw_reward": None, "perf/rollout_time": None, "rollout/step": None}, rollout_id)
         return {"sample_indices": None, "data_ref": [f"box-{rollout_id}"], "rollout_id": rollout_id}
+
+    def _eval(self, rollout_id: int) -> None:
+        self.fake.log({**{f"eval/{name}": None for name in self.args.eval_names}, "eval/step": None}, rollout_id)
 
     def _save(self, rollout_id: int) -> None:
         path = Path(self.args.save) / "rollout" / f"global_dataset_state_dict_{rollout_id}.pt"
@@ -225,6 +278,14 @@ class FakeTrainGroup:
     async def train(self, rollout_id: int, pack: dict[str, Any]) -> list[str]:
         assert pack["rollout_id"] == rollout_id
         await self._call("train", rollout_id)
+        exit_at, _, marker = os.environ.get(EXIT_ENV, "").partition(":")
+        if exit_at == str(rollout_id) and marker and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(17)  # the actor's process dies mid-rollout, as a crashed miles driver would
+        k = self.args.num_steps_per_rollout
+        for j in range(k):
+            self.fake.log({"train/grad_norm": None, "train/loss": None, "train/step": None}, rollout_id * k + j)
+        self.fake.log({"perf/train_time": None}, rollout_id)
         return ["normal"]
 
     async def save_model(self, rollout_id: int, force_sync: bool = False) -> None:

@@ -81,8 +81,9 @@ def test_resume_replays_an_owed_eval_and_logs_nothing_twice() -> None:
     logged: list[tuple[int, bool]] = []
 
     class Recorder(MemoryRecorder):
-        def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> None:
+        def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> RolloutResult:
             logged.append((result.rollout_id, log_metrics))
+            return result
 
     session = ScriptedSession()
     loop = RolloutLoop(session=session, plan=SIX, recorder=Recorder(), start=3, pending_evals=owed,

@@ -16,8 +16,9 @@ second `start` raises.
 
 Metrics: miles logs its own (`rollout/*`, `train/*`, `perf/*`, `eval/*`) into the run's MLflow run
 (`--use-mlflow --mlflow-run-id`, see `args.py`); its calls return none. `RolloutResult.metrics`
-holds only this driver's own phase timings (`perf/driver/*`) and `EvalResult.metrics` is empty:
-reading miles' metrics back from MLflow is a later step.
+holds only this driver's own phase timings (`perf/driver/*`) and `EvalResult.metrics` is empty;
+both carry `logged_by_engine=True` when miles logs to a run (`EngineInputs.tracking`), and the
+runtime reads miles' metrics of that step back from MLflow (`kimi_core.runtime.recording`).
 
 Deviations from train.py @31f1ca961 (the contract test `tests/engines/test_miles_engine.py`
 applies exactly these to its hand-written trace of train.py):
@@ -339,7 +340,8 @@ class MilesEngine:
             if not done and self.state is State.BUSY:  # interrupted (KeyboardInterrupt): state unknown
                 self.state, self.broken_reason = State.BROKEN, f"train_rollout {rollout_id} interrupted in {phase}"
         self.state = State.READY
-        return RolloutResult(rollout_id=rollout_id, metrics=timings, checkpoint=checkpoint)
+        return RolloutResult(rollout_id=rollout_id, metrics=timings, checkpoint=checkpoint,
+                             logged_by_engine=self.inputs.tracking is not None)
 
     def _committed(self, rollout_id: int) -> str:
         """Check miles committed the save of `rollout_id`; write `rollout_metrics.json` into it."""
@@ -354,7 +356,7 @@ class MilesEngine:
 
     def evaluate(self, rollout_id: int) -> EvalResult:
         """`rollout_manager.eval(rollout_id)` (train.py @31f1ca961). miles logs `eval/*` to MLflow
-        itself and returns nothing: the result carries no metrics yet (read-back is a later step)."""
+        itself and returns nothing: the result carries no metrics (the runtime reads them back)."""
         self._enter(f"evaluate {rollout_id}")
         try:
             self._remote("eval", "eval", rollout_id, timeout=self.timeouts.evaluate)
@@ -364,7 +366,7 @@ class MilesEngine:
                 raise
             raise self._broken(f"evaluate {rollout_id}", exc) from exc
         self.state = State.READY
-        return EvalResult(rollout_id=rollout_id, metrics={}, samples=())
+        return EvalResult(rollout_id=rollout_id, metrics={}, samples=(), logged_by_engine=self.inputs.tracking is not None)
 
     def close(self) -> None:
         """`rollout_manager.dispose()` (train.py's last call), then stop the private loop. A broken
