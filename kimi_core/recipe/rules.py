@@ -138,6 +138,24 @@ def local_model(r: Recipe) -> Iterator[str]:
         yield "model.warmup.source must be a synthetic:// source (worked examples are generated from it)"
 
 
+def multi_node_tracking(r: Recipe) -> Iterator[str]:
+    """Several GPU nodes need an MLflow tracking server: a sqlite file on the shared filesystem is
+    written by processes on different nodes, and sqlite's locking does not hold over NFS/Lustre.
+
+    Only an explicit value is judged here: when `tracking.tracking_uri` is unset the run takes
+    `$MLFLOW_TRACKING_URI` at run time (which the recipe cannot see) and falls back to the sqlite file.
+    """
+    uri = r.tracking.tracking_uri
+    if r.cluster.accelerator != "gpu" or r.cluster.num_nodes <= 1 or uri is None:
+        return
+    if not uri.startswith(("http://", "https://")):
+        yield (
+            f"tracking.tracking_uri = {uri!r}: cluster.num_nodes = {r.cluster.num_nodes} GPU nodes need an MLflow "
+            "tracking server, not a file on the shared filesystem; set tracking.tracking_uri: http://host:5000 "
+            "or pass --set tracking.tracking_uri=http://host:5000 (or leave it unset and export MLFLOW_TRACKING_URI)"
+        )
+
+
 def path_problem(value: str) -> str | None:
     """Why `value` is not a well-formed recipe path, or None."""
     if not value.strip() or value != value.strip():
@@ -175,6 +193,7 @@ RULES: tuple[Rule, ...] = (
     cluster_shape,
     intervals_and_saving,
     local_model,
+    multi_node_tracking,
     paths,
 )
 

@@ -158,6 +158,7 @@ RULE_CASES = [
     (["cluster.executor=slurm"], "cluster.partition is required"),
     (["eval.datasets=[]"], "eval.interval is set but eval.datasets is empty"),
     (["grpo.kl_loss_coef=0.1"], "grpo.kl_loss_coef > 0 needs grpo.use_kl_loss"),
+    (["tracking.tracking_uri=sqlite:////shared/mlflow.db"], "tracking.tracking_uri = 'sqlite:////shared/mlflow.db'"),
 ]
 
 
@@ -203,3 +204,28 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     assert load_recipe(tmp_path / "r.yaml").optimizer.lr == 3e-4
     with pytest.raises(RecipeError, match="optimizer.lr"):
         load_recipe(LOCAL, overrides=['optimizer.lr="1e-3"'])
+
+
+# The K2.5 recipe shrunk to one or two 8-GPU nodes (TP 8, no PP/CP).
+_SMALL_LAYOUT = ["parallel.pipeline=1", "parallel.context=1", "parallel.decoder_last_pipeline_num_layers=null"]
+
+
+def test_multi_node_gpu_needs_an_mlflow_server() -> None:
+    two_nodes = ["cluster.num_nodes=2", *_SMALL_LAYOUT, "parallel.expert=16"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(K25, overrides=[*two_nodes, "tracking.tracking_uri=sqlite:////shared/runs/mlflow.db"])
+    message = str(err.value)
+    assert "tracking.tracking_uri" in message and "--set tracking.tracking_uri=" in message
+    assert "cluster.num_nodes = 2" in message
+    for uri in ("http://mlflow:5000", "https://mlflow.example.org"):
+        assert load_recipe(K25, overrides=[*two_nodes, f"tracking.tracking_uri={uri}"]).tracking.tracking_uri == uri
+    # Unset: the run takes $MLFLOW_TRACKING_URI at run time; the 32-node recipes validate as they are.
+    assert load_recipe(K25).tracking.tracking_uri is None
+
+
+def test_one_node_and_cpu_recipes_may_track_to_a_file() -> None:
+    one_node = load_recipe(K25, overrides=["cluster.num_nodes=1", *_SMALL_LAYOUT, "parallel.expert=8",
+                                           "tracking.tracking_uri=sqlite:////tmp/mlflow.db"])
+    assert one_node.tracking.tracking_uri == "sqlite:////tmp/mlflow.db"
+    local = load_recipe(CONFIGS / "local.yaml", overrides=["tracking.tracking_uri=sqlite:////tmp/mlflow.db"])
+    assert local.cluster.accelerator == "cpu"
