@@ -206,6 +206,15 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(script)
         return 0
+    from kimi_core.run_state import RunPaths  # noqa: PLC0415 - `validate` needs no run state
+    from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
+    from kimi_core.runtime.ledger import tracking_uri_for  # noqa: PLC0415
+
+    try:  # checked here, before anything is submitted
+        tracking_uri_for(recipe, RunPaths.of(recipe.cluster.base_dir or ".", args.run_name or recipe.name))
+    except NotRunnableHere as exc:
+        err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        return INVALID_INPUT
     path = Path(args.output) if args.output else Path(slurm_dir) / SBATCH_FILENAME
     Path(slurm_dir).mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output dir
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from kimi_core.recipe import RecipeError, RunPlan, plan_run, recipe_hash
 from kimi_core.run_state import RunPaths, checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import NotRunnableHere
+from kimi_core.runtime.ledger import tracking_uri_for
 from kimi_core.runtime.manifest import Manifest
 
 
@@ -42,6 +43,7 @@ def preflight(ctx: RunContext) -> RunPlan:
     missing = engine_unavailable(recipe)
     if missing is not None:
         raise NotRunnableHere(missing)
+    tracking_uri_for(recipe, paths)  # several GPU nodes need an MLflow server
     return plan_run(recipe)
 
 

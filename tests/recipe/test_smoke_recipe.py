@@ -31,3 +31,10 @@ def test_the_smoke_recipe_has_the_shape_of_miles_2layer_ci() -> None:
     plan = plan_run(recipe)
     assert (plan.world_size, plan.num_sglang_engines, plan.num_rollout) == (4, 1, 2)
     assert plan.save_after == (0, 1) and plan.eval_after == (0, 1)
+
+
+def test_the_smoke_recipe_validates_with_its_4_gpu_profile() -> None:
+    from flows.cli import main
+
+    assert main(["validate", str(Path(__file__).resolve().parents[2] / "configs/kimi-k25-2layer-smoke.yaml"),
+                 "--cluster", "h200-4gpu"]) == 0

@@ -42,3 +42,21 @@ def test_a_recipe_this_install_cannot_run_is_refused_before_anything_runs(
     err = capsys.readouterr().err
     assert why in err and "Traceback" not in err
     assert not (tmp_path / "base" / "runs" / "refused").exists()  # no manifest, no stage job, no Ray head
+
+
+def test_a_multi_node_gpu_run_without_a_tracking_server_is_refused_before_submitting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """32 GPU nodes cannot share an sqlite file: with no tracking server configured, `sbatch` exits 2
+    before anything is written or submitted; with one, the check passes (a dry run prints the script)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["sbatch", str(REPO / "configs/kimi-k25-grpo.yaml"), "--cluster", "h200", "--base-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "MLflow tracking server" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    from kimi_core.recipe import load_recipe
+    from kimi_core.run_state import RunPaths
+    from kimi_core.runtime.ledger import tracking_uri_for
+
+    recipe = load_recipe(REPO / "configs/kimi-k25-grpo.yaml", cluster="h200", base_dir=str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri_for(recipe, RunPaths.of(tmp_path, "x")) == "http://127.0.0.1:5000"
