@@ -52,7 +52,8 @@ def _close_engine(session: EngineSession) -> None:
 
 def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     """All stages and rollouts of the run; returns the process exit code."""
-    if completed_run(ctx) is not None:
+    if (done := completed_run(ctx)) is not None:
+        console.print(done.describe(), markup=False)
         return 0
     ledger = RunLedger(ctx)
     data, model = _stages(ledger)
