@@ -432,6 +432,23 @@ def test_miles_argv_matches_golden() -> None:
     assert render_argv(golden_argv()) == (GOLDEN / "kimi-k25-grpo.txt").read_text()
 
 
+def smoke_argv() -> list[str]:
+    recipe = load_recipe(REPO / "configs" / "kimi-k25-2layer-smoke.yaml", base_dir="/shared")
+    run = "kimi-k25-2layer-smoke"
+    paths = RunPaths.of("/shared", run)
+    return miles_argv(recipe, paths=paths, prompt_data=f"/shared/runs/{run}/data/train.jsonl",
+                      eval_data={d.name: f"/shared/runs/{run}/data/eval-{d.name}.jsonl" for d in recipe.eval.datasets},
+                      hf_checkpoint="/shared/Kimi-K2.5-2layer", ref_load="/shared/Kimi-K2.5-2layer_torch_dist",
+                      tracking=TrackingTarget("http://mlflow.internal:5000", "kimi-k25-grpo", "0123456789abcdef"),
+                      start=0)
+
+
+def test_miles_argv_of_the_smoke_recipe_matches_golden() -> None:
+    """The 2-layer smoke recipe (miles' own 2-layer K2.5 CI shape); to accept an intended change,
+    regenerate the file with `render_argv(smoke_argv())`."""
+    assert render_argv(smoke_argv()) == (GOLDEN / "kimi-k25-2layer-smoke.txt").read_text()
+
+
 def test_miles_argv_on_resume_skips_the_eval_before_training() -> None:
     resumed = golden_argv(3)
     assert resumed.count("--skip-eval-before-train") == 1 and "--skip-eval-before-train" not in golden_argv(0)
