@@ -232,8 +232,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kimi_core.runtime.context import RunContext  # noqa: PLC0415 - the runtime only for `run`
     from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
-    from kimi_core.runtime.flow_steps import LIVE  # noqa: PLC0415
-    from kimi_core.runtime.status import completed_run, preflight  # noqa: PLC0415
+    from kimi_core.runtime.status import preflight  # noqa: PLC0415
 
     recipe = _load(args)  # invalid input exits 2 here, before Prefect starts
     ctx = RunContext(recipe_path=args.recipe, run_name=args.run_name, cluster=args.cluster,
@@ -243,8 +242,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
-    if completed_run(ctx) is None:
-        LIVE.start_early_bring_up(ctx)  # the Ray head comes up while Prefect starts
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -261,11 +258,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
-    except Exception as exc:  # the CLI reports any failure in one line
+    except Exception as exc:
         err_console.print(f"[red]run failed[/red]: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         return RUN_FAILED
-    finally:
-        LIVE.discard_early_bring_up(ctx)  # a head the flow never took over (it failed before its bring-up)
     if summary.skipped:
         console.print(f"run {summary.run_name!r} is already complete; nothing to do")
     else:

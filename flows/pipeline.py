@@ -31,7 +31,6 @@ def kimi_k25_grpo(
     preflight(ctx)  # an invalid recipe, or one this install cannot run, fails here: nothing is submitted
     done = completed_run(ctx)
     if done is not None:
-        print(done.describe())
         return done
     handle: SessionHandle | None = None
     head = None

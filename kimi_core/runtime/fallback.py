@@ -52,8 +52,7 @@ def _close_engine(session: EngineSession) -> None:
 
 def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     """All stages and rollouts of the run; returns the process exit code."""
-    if (done := completed_run(ctx)) is not None:
-        console.print(done.describe(), markup=False)
+    if completed_run(ctx) is not None:
         return 0
     ledger = RunLedger(ctx)
     data, model = _stages(ledger)

@@ -10,7 +10,6 @@ registry, `LIVE`, so the tasks of one flow run reuse them.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -69,17 +68,8 @@ class SessionHandle:
 
 # ---- cluster ---------------------------------------------------------------------------------
 def bring_up_cluster(ctx: RunContext) -> ClusterInfo:
-    """A Ray head on loopback for the run: the one this process started early for it
-    (`LIVE.start_early_bring_up`), else a new one. A head recorded by an earlier process of this
-    run (a killed CLI, a crashed flow) is stopped first: one head per run, owned by the process
-    that runs it."""
-    early = LIVE.take_early_bring_up(ctx)
-    if early is not None:
-        return early.result()
-    return _bring_up(ctx)
-
-
-def _bring_up(ctx: RunContext) -> ClusterInfo:
+    """A Ray head on loopback for the run. A head recorded by an earlier process of this run (a
+    killed CLI, a crashed flow) is stopped first: one head per run, owned by the process that runs it."""
     ledger = RunLedger(ctx)
     if ledger.recipe.cluster.executor != "local":
         raise NotImplementedError(
@@ -132,36 +122,7 @@ class LiveObjects:
         self._loops: dict[SessionHandle, RolloutLoop] = {}
         self._leases: dict[Path, LeaseKeeper] = {}
         self._ray_address: str | None = None
-        self._early: dict[RunContext, concurrent.futures.Future[ClusterInfo]] = {}
         self._lock = threading.Lock()
-
-    def start_early_bring_up(self, ctx: RunContext) -> None:
-        """Start the run's Ray head now, on a thread of its own, so that it comes up while the
-        orchestrator starts (the CLI calls this before the flow); the flow's `bring_up_cluster`
-        then takes it over instead of starting another."""
-        future: concurrent.futures.Future[ClusterInfo] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                future.set_result(_bring_up(ctx))
-            except BaseException as exc:  # handed to whoever takes the head over
-                future.set_exception(exc)
-
-        with self._lock:
-            self._early[ctx] = future
-        threading.Thread(target=run, name="early-ray-head", daemon=True).start()
-
-    def discard_early_bring_up(self, ctx: RunContext) -> None:
-        """Stop an early head the flow never took over (the orchestrator failed before its bring-up)."""
-        future = self.take_early_bring_up(ctx)
-        if future is not None:
-            concurrent.futures.wait([future])
-            release_recorded_head(RunLedger(ctx))
-
-    def take_early_bring_up(self, ctx: RunContext) -> concurrent.futures.Future[ClusterInfo] | None:
-        """The early bring-up of `ctx`, once (a later bring-up, after a lost session, starts anew)."""
-        with self._lock:
-            return self._early.pop(ctx, None)
 
     def connect(self, address: str) -> None:
         """Connect this process to the Ray cluster at `address` as a driver; a process connected to

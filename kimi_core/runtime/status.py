@@ -25,10 +25,6 @@ class RunSummary:
     tracking_uri: str | None
     skipped: bool = False
 
-    def describe(self) -> str:
-        return (f"run {self.run_name!r} is complete: {(self.latest_checkpoint or 0) + 1} rollouts, latest checkpoint "
-                f"{self.latest_checkpoint}, MLflow run {self.mlflow_run_id}")
-
 
 def preflight(ctx: RunContext) -> RunPlan:
     """Load and check the recipe (raises `RecipeError`), then check that this install can run it
@@ -61,6 +57,7 @@ def completed_run(ctx: RunContext) -> RunSummary | None:
     latest = latest_checkpoint(paths)
     if not manifest.finished or latest is None or latest != recipe.rollout.num_rollout - 1:
         return None
+    print(f"run {paths.run_name!r} is complete: {latest + 1} rollouts, latest checkpoint {checkpoint_dir(paths, latest)}")
     return RunSummary(run_name=paths.run_name, latest_checkpoint=latest, complete=True,
                       mlflow_run_id=manifest.mlflow_run_id, tracking_uri=manifest.mlflow_tracking_uri, skipped=True)
 
