@@ -192,14 +192,14 @@ def _startup_breakdown(lines: list[tuple[float, str]], started: float, first_sta
     session = spans.pop("engine session")
     head = spans.pop("Ray head", None)
     out = {"python imports, recipe check": cli - started}
-    if head is not None:  # started by the CLI before Prefect, beside everything below
-        out["(Ray head, from its start, in parallel)"] = head[1] - head[0]
+    if head is not None:  # started beside the stages, off the critical path while they take longer
+        out["(Ray head, in parallel with the stages)"] = head[1] - head[0]
     if spans:
         first, last = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
         out["Prefect start, flow run setup"] = first - cli
         out["stages (one after another)"] = last - first
         out.update({f"  {name}": end - begin for name, (begin, end) in spans.items()})
-        out["between (Prefect tasks, waiting for the head)"] = session[0] - last
+        out["between (Prefect tasks; the head if it is later)"] = session[0] - last
     out["engine actor + model load | MLflow run"] = session[1] - session[0]
     out["to the first rollout"] = first_start - session[1]
     return out
