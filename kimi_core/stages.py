@@ -13,12 +13,13 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from kimi_core.atomic import write_text_atomic
-from kimi_core.checkpoint.cache import Mode, cached_conversion
+from kimi_core.checkpoint.cache import Mode, conversion_key, lookup_conversion
 from kimi_core.checkpoint.hf import verify_hf_checkpoint
 from kimi_core.data import PREP_VERSION, PrepResult, prepare_dataset
 from kimi_core.engines.base import EngineInputs, TrackingTarget
@@ -123,11 +124,14 @@ def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -
     else:
         verify_hf_checkpoint(dst)
         return {"conversions": [], "ref_load": dst, "cached": False, "reason": "HF reference present and verified"}
-    result = cached_conversion(mode=mode, src=hf_checkpoint, dst=dst)  # torch-free: the content check only
+    # torch-free: the content check only; its key goes on to the conversion (inputs hashed once)
+    src = Path(hf_checkpoint).resolve()
+    key = conversion_key(mode=mode, src=src)
+    result = lookup_conversion(key, src=src, dst=Path(dst).resolve(), start=time.monotonic())
     if result is None:
         from kimi_core.checkpoint.stage import convert_stage  # noqa: PLC0415 - torch and megatron: only when there is work
 
-        result = convert_stage(mode=mode, src=hf_checkpoint, dst=dst)
+        result = convert_stage(mode=mode, src=hf_checkpoint, dst=dst, key=key)
     return {"conversions": [asdict(result)], "ref_load": dst, "cached": result.cached}
 
 

@@ -30,6 +30,7 @@ from kimi_core.checkpoint.cache import (
     DEFAULT_FULL_HASH_MAX_BYTES,
     DEFAULT_GROUP_SIZE,
     RECORD_NAME,
+    ConversionKey,
     ConversionResult,
     Mode,
     check_mode,
@@ -125,12 +126,14 @@ def _barrier(world_size: int) -> None:
 
 def convert_stage(*, mode: Mode, src: str, dst: str, group_size: int = DEFAULT_GROUP_SIZE,
                   ignore: list[str] | None = None, rank: int = 0, world_size: int = 1,
-                  full_hash_max_bytes: int = DEFAULT_FULL_HASH_MAX_BYTES) -> ConversionResult:
+                  full_hash_max_bytes: int = DEFAULT_FULL_HASH_MAX_BYTES,
+                  key: ConversionKey | None = None) -> ConversionResult:
     """Convert `src` into `dst` unless `dst` already holds this conversion of these inputs.
 
     The early return is the check of `cache.cached_conversion` (same key, same record), done
     with its two halves so that the inputs are hashed once and their manifest goes into the
-    new record. `world_size > 1` (only for `hf_to_torch_dist`) needs an initialized process
+    new record; a caller that already computed the key for these arguments (`conversion_key`)
+    passes it as `key` so the inputs are not hashed again. `world_size > 1` (only for `hf_to_torch_dist`) needs an initialized process
     group; every rank calls this, rank 0 hashes, verifies and publishes.
     """
     check_mode(mode)
@@ -138,8 +141,9 @@ def convert_stage(*, mode: Mode, src: str, dst: str, group_size: int = DEFAULT_G
         raise ValueError("convert_checkpoint: world_size > 1 needs mode hf_to_torch_dist and a process group")
     start = time.monotonic()
     src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
-    key = conversion_key(mode=mode, src=src_path, group_size=group_size, ignore=ignore,
-                         full_hash_max_bytes=full_hash_max_bytes)
+    if key is None:
+        key = conversion_key(mode=mode, src=src_path, group_size=group_size, ignore=ignore,
+                             full_hash_max_bytes=full_hash_max_bytes)
     cached = lookup_conversion(key, src=src_path, dst=dst_path, start=start)
     if cached is not None:
         return cached
