@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from kimi_core.run_state import RunPaths
 
 
+def engine_name(recipe: Recipe) -> str:
+    """The engine `recipe` trains on (also the MLflow `engine` tag): `local` on CPU, `miles` on GPU."""
+    return "local" if recipe.cluster.accelerator == "cpu" else "miles"
+
+
 def miles_available() -> bool:
     """Whether the miles API can be loaded here, decided without importing miles: a test double named
     by `$KIMI_GRPO_MILES_API`, or an installed `miles` package (the miles container)."""
@@ -27,7 +32,7 @@ def engine_unavailable(recipe: Recipe) -> str | None:
     container: without an importable `miles` the recipe validates and renders (sbatch, Ray
     bring-up, miles flags) but cannot train here.
     """
-    if recipe.cluster.accelerator == "cpu" or miles_available():
+    if engine_name(recipe) == "local" or miles_available():
         return None
     return (f"no GPU engine: recipe {recipe.name!r} has cluster.accelerator={recipe.cluster.accelerator!r}, and its "
             "Megatron + SGLang engine (MilesEngine, driving miles' train.py) needs the miles container: the `miles` "
@@ -41,7 +46,7 @@ def make_engine(recipe: Recipe, *, paths: RunPaths, inputs: EngineInputs) -> Eng
     missing = engine_unavailable(recipe)
     if missing is not None:
         raise NotImplementedError(missing)
-    if recipe.cluster.accelerator != "cpu":
+    if engine_name(recipe) == "miles":
         from kimi_core.engines.miles.engine import MilesEngine  # noqa: PLC0415 - no torch/miles at import
 
         return MilesEngine(recipe, paths=paths, inputs=inputs)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kimi_core import stages
+from kimi_core.engines import engine_name
 from kimi_core.engines.base import ROLLOUT_METRICS_FILE, EngineInputs, TrackingTarget
 from kimi_core.recipe import Recipe, plan_run, recipe_hash, recipe_to_dict
 from kimi_core.run_state import RunPaths, checkpoint_dir, latest_checkpoint
@@ -83,7 +84,7 @@ class RunLedger:
     @property
     def engine_name(self) -> str:
         """The engine the recipe runs on (the MLflow `engine` tag): `miles` on GPU, `local` on CPU."""
-        return "local" if self.recipe.cluster.accelerator == "cpu" else "miles"
+        return engine_name(self.recipe)
 
     @property
     def engine_logs_own_metrics(self) -> bool:

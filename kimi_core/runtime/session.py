@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from kimi_core.engines import make_engine
+from kimi_core.engines import engine_name, make_engine
 from kimi_core.engines.base import EngineBroken, EngineInputs, EvalResult, RolloutResult
 from kimi_core.recipe import Recipe
 from kimi_core.run_state import cleanup_incomplete, latest_checkpoint
@@ -116,7 +116,7 @@ class ActorOptions:
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> ActorOptions:
-        if recipe.cluster.accelerator == "cpu":
+        if engine_name(recipe) == "local":  # the miles engine: the head node, the recipe env
             return cls()
         return cls(on_head_node=True, env_vars=tuple(sorted({**recipe.env, KILL_CHILDREN_ENV: "1"}.items())))
 
