@@ -63,7 +63,7 @@ def run_in_allocation(ctx: RunContext, stop: StopRequest) -> int:
     attempt = ledger.manifest.begin_attempt(reason="sbatch" if first == 0 else "resume", start_rollout_id=first)
     if os.environ.get("SLURM_JOB_ID"):
         ledger.manifest.add_slurm_job_id(os.environ["SLURM_JOB_ID"])
-    tracker = ledger.open_tracking(attempt=attempt, engine=ledger.engine_name)  # before the engine: miles logs to it
+    tracker = ledger.open_tracking(attempt=attempt)  # before the engine: miles logs to it
     session = EngineSession(ctx, ledger.engine_inputs(data, model), num_threads=engine_threads())
     start = session.start()
     ledger.manifest.set_start_rollout(start)

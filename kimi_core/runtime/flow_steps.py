@@ -190,12 +190,12 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
         reason="start" if first == 0 and not ledger.manifest.resume_history else "resume", start_rollout_id=first)
     # A self-logging engine (miles) is built with the MLflow run it logs into: open the run first.
     # The local engine loads its checkpoint while the run opens.
-    tracker = ledger.open_tracking(attempt=attempt, engine=ledger.engine_name) if ledger.engine_logs_own_metrics else None
+    tracker = ledger.open_tracking(attempt=attempt) if ledger.engine_logs_own_metrics else None
     actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=ledger.engine_inputs(data, model),
                                      options=ActorOptions.for_recipe(ledger.recipe), num_threads=engine_threads())
     starting = actor.start.remote()
     if tracker is None:
-        tracker = ledger.open_tracking(attempt=attempt, engine=ledger.engine_name)
+        tracker = ledger.open_tracking(attempt=attempt)
     start: int = ActorSession.get(starting, "open_session")
     ledger.manifest.set_start_rollout(start)
     loop = ledger.rollout_loop(ActorSession(actor), start=start)

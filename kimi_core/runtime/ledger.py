@@ -105,7 +105,7 @@ class RunLedger:
         result = converted.result if converted is not None and isinstance(converted.result, dict) else None
         return stages.engine_inputs(data, model, result, tracking=tracking)
 
-    def open_tracking(self, *, attempt: int, engine: str) -> RunTracker:
+    def open_tracking(self, *, attempt: int) -> RunTracker:
         """Create the run's MLflow run once; reopen it by id (from the manifest) on resume.
 
         Params are the flattened resolved recipe without its length (`rollout.num_rollout`, a tag),
@@ -118,7 +118,7 @@ class RunLedger:
             tracking_uri=self.tracking_uri(), experiment=self.recipe.tracking.experiment,
             run_name=self.paths.run_name, run_id=self.manifest.mlflow_run_id, params=params,
             tags={"git_sha": git_sha(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))),
-                  "engine": engine, "recipe_hash": self.manifest.recipe_hash,
+                  "engine": self.engine_name, "recipe_hash": self.manifest.recipe_hash,
                   RUN_LENGTH_KEY: str(self.recipe.rollout.num_rollout)},
             slurm_job_ids=[j for attempt_ids in self.manifest.slurm_job_ids for j in attempt_ids],
             attempt_id=f"{self.paths.run_name}-{attempt}",

@@ -24,12 +24,12 @@ def test_extending_a_finished_run_reopens_the_same_mlflow_run(mlflow_server: str
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     experiment = f"ledger-{uuid.uuid4().hex[:8]}"
     first = RunLedger(_ctx(tmp_path, "extend", num_rollout=50, experiment=experiment))
-    run_id = first.open_tracking(attempt=0, engine="local").run_id
+    run_id = first.open_tracking(attempt=0).run_id
     first.tracker.close("FINISHED")
     first.manifest.update(finished=True)
 
     longer = RunLedger(_ctx(tmp_path, "extend", num_rollout=53, experiment=experiment))
-    assert longer.open_tracking(attempt=1, engine="local").run_id == run_id  # no "param changed" error
+    assert longer.open_tracking(attempt=1).run_id == run_id  # no "param changed" error
     assert not longer.manifest.finished  # running again until rollout 52 is done
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert RUN_LENGTH_KEY not in run.data.params and run.data.params["grpo.eps_clip_high"] == "0.28"
@@ -44,7 +44,7 @@ def test_a_failed_attempt_never_marks_a_finished_run_failed(mlflow_server: str, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     experiment = f"ledger-{uuid.uuid4().hex[:8]}"
     ledger = RunLedger(_ctx(tmp_path, "done", num_rollout=4, experiment=experiment))
-    run_id = ledger.open_tracking(attempt=0, engine="local").run_id
+    run_id = ledger.open_tracking(attempt=0).run_id
     ledger.tracker.close("FINISHED")
 
     # a later attempt fails before it reopened the run (e.g. a stage failed): the run stays FINISHED
@@ -54,6 +54,6 @@ def test_a_failed_attempt_never_marks_a_finished_run_failed(mlflow_server: str, 
 
     # an attempt that reopened it and then failed does end it FAILED
     reopened = RunLedger(_ctx(tmp_path, "done", num_rollout=8, experiment=experiment))
-    reopened.open_tracking(attempt=1, engine="local")
+    reopened.open_tracking(attempt=1)
     RunLedger(_ctx(tmp_path, "done", num_rollout=8, experiment=experiment)).close_tracking("FAILED")
     assert client.get_run(run_id).info.status == "FAILED"
