@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlparse
 from rich.console import Console
 from rich.table import Table
 
-from kimi_core.exit_codes import INVALID_INPUT, RUN_FAILED
+from kimi_core.exit_codes import EXIT_SIGINT, EXIT_SIGTERM, INVALID_INPUT, RUN_FAILED
 from kimi_core.recipe import (
     BASE_DIR_ENV,
     Recipe,
@@ -246,6 +246,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    from prefect.exceptions import TerminationSignal  # noqa: PLC0415 - Prefect only for `run`
+
     from flows.pipeline import kimi_k25_grpo  # noqa: PLC0415 - Prefect only for `run`
 
     console.print(f"run [bold]{args.run_name or recipe.name}[/bold] of {args.recipe} "
@@ -261,6 +263,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:
         err_console.print(f"[red]run failed[/red]: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         return RUN_FAILED
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]: the run's Ray job and engine are stopped; the same "
+                          "command resumes from the latest checkpoint", highlight=False)
+        return EXIT_SIGINT
+    except TerminationSignal:
+        err_console.print("[yellow]terminated (SIGTERM)[/yellow]: the run's Ray job and engine are stopped; the "
+                          "same command resumes from the latest checkpoint", highlight=False)
+        return EXIT_SIGTERM
     if summary.skipped:
         console.print(f"run {summary.run_name!r} is already complete; nothing to do")
     else:

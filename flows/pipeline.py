@@ -6,7 +6,7 @@ from prefect import flow
 
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import SessionLost
-from kimi_core.runtime.flow_steps import SessionHandle, rollout_steps
+from kimi_core.runtime.flow_steps import SessionHandle, on_slurm, progress, rolled_over, rollout_steps
 from kimi_core.runtime.progress import console
 from kimi_core.runtime.status import RunSummary, completed_run, preflight
 from tasks.stages import acquire_model, convert_checkpoint, prepare_data
@@ -24,8 +24,10 @@ def kimi_k25_grpo(
     base_dir: str | None = None,
     num_rollout: int | None = None,
 ) -> RunSummary:
-    """GRPO post-training: data -> model -> conversion (the cluster comes up meanwhile) -> the rollout
-    loop, one task per rollout and per eval (docs/design.md §3)."""
+    """GRPO post-training: data -> model -> conversion -> the Ray cluster (a loopback head starts
+    beside the stages; a Slurm Ray job after them) -> the rollout loop, one task per rollout and per
+    eval; a lost cluster or a Ray job at its deadline is brought up again and the loop resumes
+    (docs/design.md §3, §6)."""
     ctx = RunContext(recipe_path=recipe, run_name=run_name, cluster=cluster, overrides=tuple(overrides or ()),
                      base_dir=base_dir, num_rollout=num_rollout)
     preflight(ctx)  # an invalid recipe, or one this install cannot run, fails here: nothing is submitted
@@ -35,29 +37,37 @@ def kimi_k25_grpo(
     handle: SessionHandle | None = None
     head = None
     try:
-        head = bring_up_cluster.submit(ctx)  # independent of the stages: the Ray head starts meanwhile
+        if not on_slurm(ctx):  # the local head starts beside the stages
+            head = bring_up_cluster.submit(ctx)
         data = prepare_data(ctx)
         model = acquire_model(ctx)
         convert_checkpoint(ctx, model)
-        for attempt in range(MAX_SESSION_REOPENS + 1):
-            cluster_info = head.result() if attempt == 0 else bring_up_cluster(ctx)
+        # On Slurm the Ray job is submitted after the stages: no allocation idles through a conversion.
+        cluster_info = head.result() if head is not None else bring_up_cluster(ctx)
+        lost_at, losses = progress(ctx), 0
+        while True:
             handle = open_session(ctx, cluster_info, data, model)
             try:
                 for step in rollout_steps(handle):
                     (train_rollout if step.kind == "train" else evaluate)(handle, step.rollout_id)
-                break
+                if not rolled_over(handle):
+                    break
             except SessionLost as lost:
+                # Only losses without a new checkpoint in between count towards the limit.
+                losses, lost_at = (losses + 1, lost_at) if progress(ctx) == lost_at else (1, progress(ctx))
+                if losses > MAX_SESSION_REOPENS:
+                    raise SessionLost(f"the engine session was lost {losses} times without progress; "
+                                      f"giving up (last: {lost})") from lost
                 console.print(f"engine session lost ({lost}); bringing the cluster up again and resuming",
                               style="yellow", markup=False)
-        else:
-            raise SessionLost(f"the engine session was lost {MAX_SESSION_REOPENS + 1} times; giving up")
+            cluster_info = bring_up_cluster(ctx)
         return finish(handle)
     except BaseException as exc:
         if head is not None:
             head.wait()  # a head still starting would escape the clean-up
         # Nothing of the run keeps running; its checkpoints and manifest stay for a resume.
         try:
-            abort(ctx, handle, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            abort(ctx, handle, "FAILED" if isinstance(exc, Exception) else "KILLED")
         except Exception as cleanup:
             console.print(f"clean-up after the failure failed too: {cleanup}", style="red", markup=False)
         raise

@@ -14,3 +14,7 @@ INVALID_INPUT = 2
 """The recipe, its overrides or the command's arguments are invalid; nothing ran."""
 REQUEUE_EXIT = 3
 """The driver saved a checkpoint after SIGUSR1/SIGTERM and asks the batch script to requeue the job."""
+EXIT_SIGINT = 130
+"""Stopped by SIGINT (Ctrl-C) after cleaning up (the shell's 128 + signal number)."""
+EXIT_SIGTERM = 143
+"""Stopped by SIGTERM after cleaning up (the shell's 128 + signal number)."""

@@ -11,19 +11,28 @@ from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime import flow_steps
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.flow_steps import ClusterInfo, SessionHandle
+from kimi_core.runtime.ray_slurm import RayFiles
 from kimi_core.runtime.status import RunSummary
+from slurm.ray_job import RaySlurmJobs, SlurmQueue
 from tasks.retry import transient_only
 
 
 @task(name="bring_up_cluster", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=transient_only)
 def bring_up_cluster(ctx: RunContext) -> ClusterInfo:
-    """A Ray cluster for the run.
+    """A Ray cluster for the run: a loopback head, or the run's Ray job on Slurm.
 
-    No task timeout: the flow runs this on a worker thread beside the stages, where a Prefect timeout
-    cannot interrupt a wait; the head's start has its own bounded readiness wait.
+    No task timeout: a Ray job may wait in the Slurm queue without limit (its readiness wait, once
+    it runs, is bounded); the local head runs on a worker thread beside the stages, where a Prefect
+    timeout cannot interrupt a wait.
     """
-    return flow_steps.bring_up_cluster(ctx)
+    recipe = ctx.recipe()
+    if recipe.cluster.executor != "slurm":
+        return flow_steps.bring_up_cluster(ctx)
+    files = RayFiles.of(ctx.paths(recipe).run_dir)
+    submitter = RaySlurmJobs.for_run(recipe, run_name=ctx.name(recipe), run_dir=ctx.paths(recipe).run_dir,
+                                     deadline_mark_prefix=files.deadline_prefix)
+    return flow_steps.bring_up_cluster(ctx, submitter=submitter, queue=SlurmQueue())
 
 
 @task(name="open_session", retries=1, retry_delay_seconds=10, timeout_seconds=1800,
@@ -57,4 +66,5 @@ def finish(handle: SessionHandle) -> RunSummary:
 @task(name="abort", retries=0, timeout_seconds=300, cache_policy=NO_CACHE)
 def abort(ctx: RunContext, handle: SessionHandle | None, status: str) -> None:
     """The run stopped on an error: end the MLflow run with `status`, stop the engine and the local Ray head."""
-    flow_steps.abort(ctx, handle, status)
+    on_slurm = ctx.recipe().cluster.executor == "slurm"
+    flow_steps.abort(ctx, handle, status, queue=SlurmQueue() if on_slurm else None)

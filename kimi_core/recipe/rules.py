@@ -111,6 +111,8 @@ def cluster_shape(r: Recipe) -> Iterator[str]:
         yield "cluster.gpus_per_node must be > 0 when cluster.accelerator is 'gpu'"
     if c.executor == "slurm" and not c.partition:
         yield "cluster.partition is required when cluster.executor is 'slurm' (use a profile: --cluster NAME)"
+    if c.executor == "slurm":
+        yield from c.ray.layout_problems(c.num_nodes)
 
 
 def intervals_and_saving(r: Recipe) -> Iterator[str]:

@@ -256,6 +256,71 @@ class TrackingSection(Section):
     sample_generations_per_eval: int = Field(default=8, ge=0)
 
 
+#: Worker ports of a loopback Ray head are drawn from [low, high) (`runtime.ray_local.worker_port_range`);
+#: a Ray-on-Slurm layout stays out of it, so both can share a host (the local test cluster).
+LOCAL_HEAD_WORKER_PORTS = (20000, 32000)
+#: Linux's ephemeral range starts here: pinned ports stay below it so no outgoing socket takes one.
+EPHEMERAL_PORT_START = 32768
+#: Per-node daemon ports, `node_port_base + k`, in this order.
+NODE_PORT_NAMES = ("node_manager", "object_manager", "metrics_export", "dashboard_agent_grpc",
+                   "dashboard_agent_listen", "runtime_env_agent")
+
+
+class RaySection(Section):
+    """Ray on a Slurm allocation: pinned ports, readiness and lease (docs/design.md §6).
+
+    Per-node ports are `node_port_base + k` (k: `NODE_PORT_NAMES`) and the worker range, each shifted
+    by `node_index * node_port_stride`. The stride is 0 on a real cluster (every node is its own host)
+    and > 0 when several Ray nodes share one host (the local two-node test cluster).
+    """
+
+    gcs_port: int = Field(default=6379, ge=1024, lt=EPHEMERAL_PORT_START)
+    dashboard_port: int = Field(default=8265, ge=1024, lt=EPHEMERAL_PORT_START)
+    client_port: int = Field(default=10001, ge=1024, lt=EPHEMERAL_PORT_START, description="Ray Client server (ray://)")
+    node_port_base: int = Field(default=6800, ge=1024, lt=EPHEMERAL_PORT_START)
+    min_worker_port: int = Field(default=10002, ge=1024, lt=EPHEMERAL_PORT_START)
+    max_worker_port: int = Field(default=10999, ge=1024, lt=EPHEMERAL_PORT_START)
+    node_port_stride: int = Field(default=0, ge=0)
+    readiness_timeout_s: int = Field(default=900, gt=0, description="a RUNNING Ray job must be ready within this")
+    lease_s: int = Field(default=300, gt=0, description="the Ray job ends itself when the flow stops touching its lease this long")
+
+    def head_ports(self) -> dict[str, int]:
+        return {"gcs": self.gcs_port, "dashboard": self.dashboard_port, "client": self.client_port}
+
+    def node_ports(self, index: int) -> dict[str, int]:
+        """The daemon ports and worker range of Ray node `index` (0 = the head)."""
+        shift = index * self.node_port_stride
+        ports = {name: self.node_port_base + k + shift for k, name in enumerate(NODE_PORT_NAMES)}
+        return {**ports, "min_worker": self.min_worker_port + shift, "max_worker": self.max_worker_port + shift}
+
+    def layout_problems(self, num_nodes: int) -> list[str]:
+        """What is wrong with this layout for `num_nodes` nodes (empty when it is fine)."""
+        problems: list[str] = []
+        if self.min_worker_port > self.max_worker_port:
+            return [f"cluster.ray.min_worker_port = {self.min_worker_port} > max_worker_port = {self.max_worker_port}"]
+        owner: dict[int, str] = {port: f"{name} port" for name, port in self.head_ports().items()}
+        # Stride 0: every node is its own host, so node 0 stands for all of them.
+        for index in range(num_nodes if self.node_port_stride else 1):
+            ports = self.node_ports(index)
+            single = [(ports[name], f"node {index} {name} port") for name in NODE_PORT_NAMES]
+            workers = range(ports["min_worker"], ports["max_worker"] + 1)
+            for port, what in [*single, *((p, f"node {index} worker ports") for p in workers)]:
+                if port >= EPHEMERAL_PORT_START:
+                    problems.append(f"cluster.ray: {what} reach port {port}, in the ephemeral range (>= "
+                                    f"{EPHEMERAL_PORT_START}): lower the bases or node_port_stride")
+                    return problems
+                if port in owner and owner[port] != what:
+                    problems.append(f"cluster.ray: {what} and {owner[port]} share port {port}")
+                    return problems
+                owner[port] = what
+        low, high = LOCAL_HEAD_WORKER_PORTS
+        clash = sorted(port for port in owner if low <= port < high)
+        if clash:
+            problems.append(f"cluster.ray: port {clash[0]} is in {low}..{high - 1}, the worker ports of loopback "
+                            "Ray heads on the same host: pin Ray-on-Slurm ports outside it")
+        return problems
+
+
 class ClusterSection(Section):
     """Where the job runs; site values usually come from a `configs/clusters/*.yaml` profile."""
 
@@ -271,8 +336,7 @@ class ClusterSection(Section):
     time_limit: str | None = Field(default=None, pattern=r"^\d+:[0-5]\d:[0-5]\d$", description="HH:MM:SS (hours may exceed 24)")
     cpus_per_task: int | None = Field(default=None, gt=0)
     signal_before_deadline_s: int = Field(default=600, gt=0)
-    ray_port: int = Field(default=6379, gt=0, lt=32768)
-    ray_dashboard_port: int = Field(default=8265, gt=0, lt=32768)
+    ray: RaySection = RaySection()
 
 
 class Recipe(Section):

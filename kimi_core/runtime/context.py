@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,13 @@ class RunContext:
         if self.num_rollout is not None:
             overrides.append(f"rollout.num_rollout={self.num_rollout}")
         return load_recipe(self.recipe_path, overrides=overrides, cluster=self.cluster, base_dir=self.base_dir)
+
+    def absolute(self, recipe: Recipe) -> RunContext:
+        """The same run with absolute paths (the recipe file and the base dir), for processes that may
+        start elsewhere (Ray workers on other nodes)."""
+        base_dir = recipe.cluster.base_dir
+        return dataclasses.replace(self, recipe_path=os.path.abspath(self.recipe_path),
+                                   base_dir=os.path.abspath(base_dir) if base_dir and "://" not in base_dir else base_dir)
 
     def name(self, recipe: Recipe) -> str:
         return self.run_name or recipe.name

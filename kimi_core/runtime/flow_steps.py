@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,19 @@ from kimi_core.runtime.ray_local import (
     stop_local_ray_head,
     worker_port_range,
 )
+from kimi_core.runtime.ray_slurm import (
+    JobQueue,
+    JobWatch,
+    RayFiles,
+    RayJobSubmitter,
+    RayNodeSpec,
+    cancel_and_wait_gone,
+    check_versions,
+    ray_node_main,
+    read_ready,
+    token_env,
+    wait_ready,
+)
 from kimi_core.runtime.session import ActorOptions, ActorSession, attach_actor, engine_threads, lookup_actor
 from kimi_core.runtime.status import RunSummary
 
@@ -48,10 +61,13 @@ ENGINE_CLOSE_S = 120.0
 
 @dataclass(frozen=True)
 class ClusterInfo:
-    """A Ray cluster for the run: the address drivers connect to, and the local head when we own one."""
+    """A Ray cluster for the run: the address drivers connect to; the local head when we own one,
+    or the Slurm job it lives in (and the queue that knows its state)."""
 
     address: str
     head: RayHead | None = None
+    job_id: str | None = None
+    queue: JobQueue | None = None
 
 
 @dataclass(frozen=True)
@@ -64,18 +80,40 @@ class SessionHandle:
     pending_evals: tuple[int, ...]
     mlflow_run_id: str
     reattached: bool
+    ray_job_id: str | None = None
+    queue: JobQueue | None = None
+
+    def watch(self) -> Callable[[], None] | None:
+        """The check between polls of an engine call: Slurm says whether the Ray job still runs."""
+        return None if self.queue is None or self.ray_job_id is None else JobWatch(self.queue, self.ray_job_id)
 
 
 # ---- cluster ---------------------------------------------------------------------------------
-def bring_up_cluster(ctx: RunContext) -> ClusterInfo:
-    """A Ray head on loopback for the run. A head recorded by an earlier process of this run (a
-    killed CLI, a crashed flow) is stopped first: one head per run, owned by the process that runs it."""
+def on_slurm(ctx: RunContext) -> bool:
+    """The run's Ray cluster is a Slurm job (a Slurm cluster profile)."""
+    return ctx.recipe().cluster.executor == "slurm"
+
+
+def progress(ctx: RunContext) -> int:
+    """The first rollout not yet saved (the latest checkpoint + 1)."""
+    return RunLedger(ctx).start_rollout_id()
+
+
+def bring_up_cluster(ctx: RunContext, *, submitter: RayJobSubmitter | None = None,
+                     queue: JobQueue | None = None) -> ClusterInfo:
+    """A Ray cluster for the run: on loopback for the local executor; for a Slurm profile, the run's
+    Ray job (`submitter`, `queue`: `slurm.ray_job`), reused while it runs and is ready."""
     ledger = RunLedger(ctx)
-    if ledger.recipe.cluster.executor != "local":
-        raise NotImplementedError(
-            "bring_up_cluster on Slurm runs the rendered Ray-on-Slurm job (kimi-grpo render --what ray-up); "
-            "the flow path for it is not wired yet: use `kimi-grpo sbatch` on a Slurm cluster"
-        )
+    if ledger.recipe.cluster.executor == "slurm":
+        if submitter is None or queue is None:
+            raise ValueError("a Slurm profile needs the Ray job submitter and the Slurm queue")
+        return _bring_up_on_slurm(ledger, submitter, queue)
+    return _bring_up_local(ledger)
+
+
+def _bring_up_local(ledger: RunLedger) -> ClusterInfo:
+    """A Ray head on loopback. A head recorded by an earlier process of this run (a killed CLI, a
+    crashed flow) is stopped first: one head per run, owned by the process that runs it."""
     release_recorded_head(ledger)
     started = time.perf_counter()
     low, high = worker_port_range()
@@ -94,6 +132,44 @@ def bring_up_cluster(ctx: RunContext) -> ClusterInfo:
     ledger.manifest.update(ray_address=head.address)
     console.print(f"ray head at {head.address}: started in {time.perf_counter() - started:.1f} s", markup=False)
     return ClusterInfo(address=head.address, head=head)
+
+
+def _bring_up_on_slurm(ledger: RunLedger, submitter: RayJobSubmitter, queue: JobQueue) -> ClusterInfo:
+    """Reuse the run's Ray job while it runs, is ready and has no deadline mark; else cancel what is
+    left of the run's Ray jobs, wait until they have left the queue, submit a new one and wait."""
+    recipe, files = ledger.recipe, RayFiles.of(ledger.paths.run_dir)
+    spec = RayNodeSpec.for_recipe(recipe, ledger.paths.run_dir)
+    if spec.token:
+        files.ensure_token()
+    LIVE.keep_lease(files.lease, lease_timeout_s=recipe.cluster.ray.lease_s)  # before any job can read it
+    current = ledger.manifest.ray_jobs[-1] if ledger.manifest.ray_jobs else None
+    if current is not None and not files.deadline(current).exists() and queue.state(current) == "RUNNING":
+        record = read_ready(files, current)
+        if record is not None:
+            check_versions(record)
+            console.print(f"Ray job {current} is running: re-attaching at {record['address']}", markup=False)
+            return ClusterInfo(address=str(record["address"]), job_id=current, queue=queue)
+    previous = [job for job in ledger.manifest.ray_jobs if queue.in_queue(job)]
+    if previous:
+        console.print(f"cancelling the run's earlier Ray job(s) {' '.join(previous)}", markup=False)
+        cancel_and_wait_gone(queue, previous)
+    started = time.perf_counter()
+    job_id = submitter.submit(ray_node_main, spec)
+    ledger.manifest.add_slurm_job_id(job_id, ray=True)  # recorded before waiting: teardown finds it
+    ledger.manifest.record_stage(BRING_UP, cache_key=job_id, status="submitted", result={"job_id": job_id})
+    console.print(f"Ray job {job_id} submitted: {recipe.cluster.num_nodes} node(s) on partition "
+                  f"{recipe.cluster.partition}", markup=False)
+    ready = wait_ready(files, job_id, queue=queue, submitter=submitter, ray=recipe.cluster.ray)
+    check_versions(ready.record)
+    seconds = time.perf_counter() - started
+    resources = ready.record.get("resources", {})
+    ledger.manifest.record_stage(BRING_UP, cache_key=job_id, result={
+        "job_id": job_id, "address": ready.address, "bring_up_s": round(seconds, 1)})
+    ledger.manifest.update(ray_address=ready.address)
+    console.print(f"Ray job {job_id} ready in {seconds:.1f} s: {len(ready.record['nodes'])} nodes "
+                  f"({' '.join(ready.record['nodes'])}), {resources.get('CPU', 0):g} CPUs, "
+                  f"{resources.get('GPU', 0):g} GPUs, {ready.address}", markup=False)
+    return ClusterInfo(address=ready.address, job_id=job_id, queue=queue)
 
 
 def release_recorded_head(ledger: RunLedger) -> None:
@@ -122,11 +198,13 @@ class LiveObjects:
         self._loops: dict[SessionHandle, RolloutLoop] = {}
         self._leases: dict[Path, LeaseKeeper] = {}
         self._ray_address: str | None = None
+        self._token: Path | None = None
         self._lock = threading.Lock()
 
-    def connect(self, address: str) -> None:
-        """Connect this process to the Ray cluster at `address` as a driver; a process connected to
-        another address (an earlier head of the run) disconnects first."""
+    def connect(self, address: str, *, token: Path | None = None) -> None:
+        """Connect this process to the Ray cluster at `address` as a driver (a `ray://` address: as a
+        Ray Client, with the run's token file when given); a process connected to another address
+        (an earlier head or Ray job of the run) disconnects first."""
         import ray  # noqa: PLC0415 - Ray only in the processes that talk to the cluster
         from ray._private import ray_constants  # noqa: PLC0415
 
@@ -135,7 +213,10 @@ class LiveObjects:
                 if self._ray_address == address:
                     return
                 ray.shutdown()
-            if address.startswith("127.0.0.1:"):
+            self._token = token
+            if address.startswith("ray://"):
+                os.environ.update(token_env(self._token))
+            elif address.startswith("127.0.0.1:"):
                 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; when it is on (the Linux
                 # default) a driver swaps 127.0.0.1 for the machine's address and never reaches a
                 # loopback-only head.
@@ -184,41 +265,80 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     """Open (or re-attach to) the engine actor and the MLflow run; return where the session starts."""
     started = time.perf_counter()
     ledger = RunLedger(ctx)
-    LIVE.connect(cluster.address)
+    LIVE.connect(cluster.address, token=_token_of(ledger))
     first = ledger.start_rollout_id()
     attempt = ledger.manifest.begin_attempt(
         reason="start" if first == 0 and not ledger.manifest.resume_history else "resume", start_rollout_id=first)
     # A self-logging engine (miles) is built with the MLflow run it logs into: open the run first.
     # The local engine loads its checkpoint while the run opens.
     tracker = ledger.open_tracking(attempt=attempt) if ledger.engine_logs_own_metrics else None
-    actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx, inputs=ledger.engine_inputs(data, model),
+    actor, reattached = attach_actor(namespace=NAMESPACE, ctx=ctx.absolute(ledger.recipe), inputs=ledger.engine_inputs(data, model),
                                      options=ActorOptions.for_recipe(ledger.recipe), num_threads=engine_threads())
     starting = actor.start.remote()
     if tracker is None:
         tracker = ledger.open_tracking(attempt=attempt)
-    start: int = ActorSession.get(starting, "open_session")
+    watch = JobWatch(cluster.queue, cluster.job_id) if cluster.queue is not None and cluster.job_id else None
+    start: int = ActorSession.get(starting, "open_session", watch=watch)
     ledger.manifest.set_start_rollout(start)
-    loop = ledger.rollout_loop(ActorSession(actor), start=start)
-    handle = SessionHandle(run=ctx, address=cluster.address, start=start, pending_evals=loop.pending_evals,
-                           mlflow_run_id=tracker.run_id, reattached=reattached)
+    handle = SessionHandle(run=ctx, address=cluster.address, start=start, pending_evals=(),
+                           mlflow_run_id=tracker.run_id, reattached=reattached, ray_job_id=cluster.job_id,
+                           queue=cluster.queue)
+    loop = ledger.rollout_loop(ActorSession(actor, handle.watch()), start=start)
+    handle = dataclasses.replace(handle, pending_evals=loop.pending_evals)
+    if cluster.job_id is not None:
+        _record_placement(ledger, actor, cluster, tracker)
     LIVE.put(handle, loop)
     console.print(f"engine session {'re-attached' if reattached else 'opened'} at rollout {start} "
                   f"in {time.perf_counter() - started:.1f} s", markup=False)
     return handle
 
 
+def _token_of(ledger: RunLedger) -> Path | None:
+    token = RayFiles.of(ledger.paths.run_dir).token
+    return token if ledger.recipe.cluster.executor == "slurm" and token.exists() else None
+
+
+def _record_placement(ledger: RunLedger, actor: Any, cluster: ClusterInfo, tracker: Any) -> None:
+    """Where the engine actor runs (host, Slurm job and node), into the attempt record and MLflow."""
+    where: dict[str, str] = ActorSession.get(actor.placement.remote(), "placement")
+    ledger.manifest.record_placement(where)
+    bring_up = ledger.manifest.stages.get(BRING_UP)
+    seconds = (bring_up.result or {}).get("bring_up_s") if bring_up is not None else None
+    tracker.set_tags({"ray_job_id": cluster.job_id or "", "engine_host": where.get("host", ""),
+                      "engine_slurm_node": where.get("slurm_node", "")})
+    if seconds is not None:
+        tracker.log_metrics({"perf/cluster_bring_up_s": float(seconds)}, step=ledger.start_rollout_id())
+    console.print(f"engine actor on {where.get('slurm_node') or where.get('host')} (Slurm job "
+                  f"{where.get('slurm_job_id')})", markup=False)
+
+
 def _rebuild(handle: SessionHandle) -> RolloutLoop:
     ledger = RunLedger(handle.run)
-    LIVE.connect(handle.address)
-    loop = ledger.rollout_loop(ActorSession(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE)),
-                               start=handle.start)
+    LIVE.connect(handle.address, token=_token_of(ledger))
+    loop = ledger.rollout_loop(ActorSession(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE),
+                                            handle.watch()), start=handle.start)
     loop.pending_evals = handle.pending_evals
     return loop
 
 
 def rollout_steps(handle: SessionHandle) -> Iterator[Step]:
-    """The steps of the session's rollout loop, decided one at a time."""
-    return LIVE.get(handle).steps()
+    """The steps of the session's rollout loop, decided one at a time. A deadline mark of the session's
+    Ray job (its time limit is near) is a stop request: save at the next boundary, then end the steps
+    (`rolled_over` then says so)."""
+    loop = LIVE.get(handle)
+    files = RayFiles.of(RunLedger(handle.run).paths.run_dir)
+    for step in loop.steps():
+        yield step
+        if handle.ray_job_id is not None and not loop.stop.requested and files.deadline(handle.ray_job_id).exists():
+            console.print(f"Ray job {handle.ray_job_id} is near its time limit: saving at the next rollout, "
+                          "then moving to a new Ray job", markup=False)
+            loop.stop.request("deadline")
+
+
+def rolled_over(handle: SessionHandle) -> bool:
+    """True when the session stopped early for its Ray job's deadline (bring a new job up and go on)."""
+    loop = LIVE.get(handle)
+    return loop.stop.reason == "deadline" and not loop.outcome().finished
 
 
 def train_rollout(handle: SessionHandle, rollout_id: int) -> RolloutResult:
@@ -241,26 +361,27 @@ def finish(handle: SessionHandle) -> RunSummary:
     latest = ledger.start_rollout_id() - 1
     complete = latest == ledger.recipe.rollout.num_rollout - 1
     ledger.tracker.log_curves_png()
-    _release(ledger, handle)
+    _release(ledger, handle, handle.queue)
     ledger.tracker.close("FINISHED" if complete else "KILLED")
     ledger.manifest.update(finished=complete)
     return RunSummary(run_name=ledger.paths.run_name, latest_checkpoint=latest, complete=complete,
                       mlflow_run_id=ledger.manifest.mlflow_run_id, tracking_uri=ledger.manifest.mlflow_tracking_uri)
 
 
-def abort(ctx: RunContext, handle: SessionHandle | None, status: str = "FAILED") -> None:
+def abort(ctx: RunContext, handle: SessionHandle | None, status: str = "FAILED", *,
+          queue: JobQueue | None = None) -> None:
     """After a failure that stops the flow: release the engine and the local cluster, so that no Ray
     head or engine process outlives the run, then end the MLflow run with `status` if this attempt
     had reopened it (decided before the engine's processes end: see `finish`). Checkpoints and the
     manifest stay: the same command resumes once the cause is fixed."""
     ledger = RunLedger(ctx)
     reopened = ledger.tracking_running()
-    _release(ledger, handle)
+    _release(ledger, handle, queue or (handle.queue if handle is not None else None))
     if reopened:
         ledger.tracker.close(status)
 
 
-def _release(ledger: RunLedger, handle: SessionHandle | None) -> None:
+def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | None) -> None:
     """Close the engine (miles disposes its SGLang engines), stop its actor and the run's local Ray
     head (by pid); record the head as stopped."""
     import ray  # noqa: PLC0415 - only processes that talk to the cluster import Ray
@@ -280,3 +401,15 @@ def _release(ledger: RunLedger, handle: SessionHandle | None) -> None:
                           markup=False)
     LIVE.disconnect()
     release_recorded_head(ledger)
+    release_ray_jobs(ledger, queue)
+
+
+def release_ray_jobs(ledger: RunLedger, queue: JobQueue | None, why: str = "run finished") -> None:
+    """`scancel` every Ray job of the run still in the queue and wait until they have left it."""
+    if not ledger.manifest.ray_jobs or queue is None:
+        return
+    live = [job for job in ledger.manifest.ray_jobs if queue.in_queue(job)]
+    cancel_and_wait_gone(queue, live)
+    for job in live:
+        console.print(f"Ray job {job} cancelled ({why})", markup=False)
+    ledger.manifest.update(ray_address=None)

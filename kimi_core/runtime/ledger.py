@@ -120,7 +120,7 @@ class RunLedger:
             tags={"git_sha": git_sha(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))),
                   "engine": self.engine_name, "recipe_hash": self.manifest.recipe_hash,
                   RUN_LENGTH_KEY: str(self.recipe.rollout.num_rollout)},
-            slurm_job_ids=[j for attempt_ids in self.manifest.slurm_job_ids for j in attempt_ids],
+            slurm_job_ids=self.manifest.all_slurm_job_ids,
             attempt_id=f"{self.paths.run_name}-{attempt}",
         )
         if self.manifest.mlflow_run_id is None:

@@ -57,6 +57,8 @@ class AttemptRecord(BaseModel):
     start_rollout_id: int | None = None
     reason: str
     slurm_job_ids: list[str] = Field(default_factory=list)
+    #: Where the engine session ran (host, pid, Slurm job and node), when known.
+    placement: dict[str, str] = Field(default_factory=dict)
 
 
 class Manifest(BaseModel):
@@ -71,6 +73,10 @@ class Manifest(BaseModel):
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     ray_address: str | None = None
+    #: Every Slurm job of the run in submission order (stage jobs and Ray jobs), attempt or not.
+    slurm_jobs: list[str] = Field(default_factory=list)
+    #: The run's Ray-on-Slurm jobs in submission order (the last is the current one).
+    ray_jobs: list[str] = Field(default_factory=list)
     resume_history: list[AttemptRecord] = Field(default_factory=list)
     recipe_changes: list[dict[str, str]] = Field(default_factory=list)
     failures: list[dict[str, Any]] = Field(default_factory=list)
@@ -202,13 +208,26 @@ class Manifest(BaseModel):
 
         self._mutate(change)
 
-    def add_slurm_job_id(self, job_id: str) -> None:
-        """Append a Slurm job id to the current attempt (idempotent)."""
+    def add_slurm_job_id(self, job_id: str, *, ray: bool = False) -> None:
+        """Record a Slurm job of the run (idempotent): in `slurm_jobs`, in the current attempt if one
+        has begun (stage jobs and the first Ray job come before the first attempt), and in `ray_jobs`
+        when it is a Ray job."""
 
         def change(m: Manifest) -> None:
-            attempt = self._current_attempt(m)
-            if job_id not in attempt.slurm_job_ids:
-                attempt.slurm_job_ids.append(job_id)
+            if job_id not in m.slurm_jobs:
+                m.slurm_jobs = [*m.slurm_jobs, job_id]
+            if ray and job_id not in m.ray_jobs:
+                m.ray_jobs = [*m.ray_jobs, job_id]
+            if m.resume_history and job_id not in m.resume_history[-1].slurm_job_ids:
+                m.resume_history[-1].slurm_job_ids.append(job_id)
+
+        self._mutate(change)
+
+    def record_placement(self, where: dict[str, str]) -> None:
+        """Record where the current attempt's engine session runs."""
+
+        def change(m: Manifest) -> None:
+            self._current_attempt(m).placement = dict(where)
 
         self._mutate(change)
 
@@ -227,3 +246,9 @@ class Manifest(BaseModel):
     def slurm_job_ids(self) -> list[list[str]]:
         """Slurm job ids per attempt (index = attempt number)."""
         return [list(a.slurm_job_ids) for a in self.resume_history]
+
+    @property
+    def all_slurm_job_ids(self) -> list[str]:
+        """Every Slurm job id of the run, each once, in the order first recorded."""
+        ids = [*self.slurm_jobs, *(j for attempt in self.slurm_job_ids for j in attempt)]
+        return list(dict.fromkeys(ids))

@@ -30,6 +30,7 @@ from typing import Self
 
 import psutil
 
+from kimi_core.recipe.sections import LOCAL_HEAD_WORKER_PORTS
 from kimi_core.runtime.ray_lease import watchdog_command
 
 _READY_LINE = "This command will now block forever"
@@ -48,9 +49,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def worker_port_range(size: int = 200, *, low: int = 20000, high: int = 32000) -> tuple[int, int]:
-    """A random block of `size` worker ports in [low, high) — below Linux's ephemeral range, so
-    it cannot contain a `free_port()` result; random so two heads on a host rarely overlap."""
+def worker_port_range(size: int = 200) -> tuple[int, int]:
+    """A random block of `size` worker ports in `LOCAL_HEAD_WORKER_PORTS` — below Linux's ephemeral
+    range, so it cannot contain a `free_port()` result; random so two heads on a host rarely overlap;
+    never a port a Ray-on-Slurm layout pins (the recipe rules keep those out of it)."""
+    low, high = LOCAL_HEAD_WORKER_PORTS
     start = low + secrets.randbelow((high - low) // size) * size
     return start, start + size - 1
 

@@ -9,7 +9,9 @@ twice. In the flow it lives in a detached, named Ray actor (`attach_actor`), dri
 from __future__ import annotations
 
 import os
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,11 @@ class EngineSession:
     def close(self) -> None:
         self.engine.close()
 
+    def placement(self) -> dict[str, str]:
+        """Where this session runs: host, and the Slurm job and node when under Slurm."""
+        return {"host": socket.gethostname(), "pid": str(os.getpid()),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "slurm_node": os.environ.get("SLURMD_NODENAME", "")}
+
 
 # ---- the session in a Ray actor --------------------------------------------------------------
 def actor_name(run_name: str) -> str:
@@ -117,7 +124,8 @@ class ActorOptions:
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> ActorOptions:
         if engine_name(recipe) == "local":  # the miles engine: the head node, the recipe env
-            return cls()
+            # On a Ray job of several nodes the session stays on the head, beside the job's task 0.
+            return cls(on_head_node=recipe.cluster.executor == "slurm")
         return cls(on_head_node=True, env_vars=tuple(sorted({**recipe.env, KILL_CHILDREN_ENV: "1"}.items())))
 
     def ray_options(self) -> dict[str, Any]:
@@ -162,29 +170,44 @@ def lookup_actor(run_name: str, *, namespace: str) -> Any:
         raise SessionLost(f"the engine session of run {run_name!r} is gone: {exc}") from exc
 
 
+#: Seconds between looks at the cluster while a call on the engine actor runs (`ActorSession.watch`).
+WATCH_POLL_S = 10.0
+
+
 class ActorSession:
     """The loop's `Session` over an `EngineSession` actor: a dead actor becomes `SessionLost`, an
-    error raised inside a call is re-raised as itself (so the loop and Prefect classify it)."""
+    error raised inside a call is re-raised as itself (so the loop and Prefect classify it).
 
-    def __init__(self, actor: Any):
+    `watch`, when given, is called between bounded waits on every call and raises `SessionLost`
+    when the cluster under the actor is gone (Ray on Slurm: the job is no longer RUNNING), so a
+    lost job is noticed even when no Ray error ever reaches this process."""
+
+    def __init__(self, actor: Any, watch: Callable[[], None] | None = None):
         self.actor = actor
+        self.watch = watch
 
     def train_rollout(self, rollout_id: int, *, save: bool, force_sync: bool) -> RolloutResult:
         result: RolloutResult = self.get(self.actor.train_rollout.remote(rollout_id, save=save, force_sync=force_sync),
-                                          f"train_rollout {rollout_id}")
+                                          f"train_rollout {rollout_id}", watch=self.watch)
         return result
 
     def evaluate(self, rollout_id: int) -> EvalResult:
-        result: EvalResult = self.get(self.actor.evaluate.remote(rollout_id), f"evaluate {rollout_id}")
+        result: EvalResult = self.get(self.actor.evaluate.remote(rollout_id), f"evaluate {rollout_id}", watch=self.watch)
         return result
 
     @staticmethod
-    def get(ref: Any, what: str) -> Any:
-        """`ray.get(ref)`, with a dead actor as `SessionLost` and a call's own error re-raised as itself."""
+    def get(ref: Any, what: str, *, watch: Callable[[], None] | None = None) -> Any:
+        """`ray.get(ref)`, with a dead actor as `SessionLost` and a call's own error re-raised as itself;
+        with `watch`, waits in bounded polls and calls `watch()` between them."""
         import ray  # noqa: PLC0415 - see attach_actor
         import ray.exceptions as rex  # noqa: PLC0415
 
         try:
+            while watch is not None:
+                ready, _ = ray.wait([ref], timeout=WATCH_POLL_S)
+                if ready:
+                    break
+                watch()
             return ray.get(ref)
         except (rex.RayActorError, rex.ActorDiedError) as exc:
             raise SessionLost(f"{what}: the engine actor died: {exc}") from exc

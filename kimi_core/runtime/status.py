@@ -36,10 +36,6 @@ def preflight(ctx: RunContext) -> RunPlan:
             f"run {paths.run_name!r} was started with another recipe (hash {started}, this one {recipe_hash(recipe)}): "
             "resume it with the original recipe and overrides (only --num-rollout may change), or choose a new "
             "--run-name"])
-    if recipe.cluster.executor != "local":
-        raise NotRunnableHere(
-            f"cluster.executor={recipe.cluster.executor!r}: the flow brings Ray up on loopback only (Ray-on-Slurm "
-            "inside the flow is not implemented yet); on a Slurm cluster use `kimi-grpo sbatch`")
     missing = engine_unavailable(recipe)
     if missing is not None:
         raise NotRunnableHere(missing)
