@@ -143,6 +143,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 SBATCH_FILENAME = "kimi-k25-grpo.sbatch"
+PYTHON_DEFAULT = "default: the one running kimi-grpo, or python3 with cluster.container_image"
 
 
 def _slurm_run(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str, str]:
@@ -163,18 +164,18 @@ def _slurm_run(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str, str]
 
 def _driver_args(args: argparse.Namespace, run_name: str, base_dir: str) -> dict[str, object]:
     return {"recipe_path": args.recipe, "run_name": run_name, "base_dir": base_dir,
-            "cluster_profile": args.cluster, "overrides": list(args.overrides)}
+            "cluster_profile": args.cluster, "overrides": list(args.overrides), "num_rollout": args.num_rollout}
 
 
 def _pipeline_script(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str]:
     """The pipeline sbatch script of the recipe and the run's slurm/ dir."""
-    from slurm.from_recipe import training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
+    from slurm.from_recipe import job_python, training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
     from slurm.render import render_pipeline_sbatch  # noqa: PLC0415
 
     run_name, base_dir, slurm_dir = _slurm_run(args, recipe)
     try:
         req = training_job_request(recipe, name=run_name, output_dir=slurm_dir)
-        script = render_pipeline_sbatch(req, python=args.python, workdir=None,
+        script = render_pipeline_sbatch(req, python=job_python(recipe, args.python), workdir=None,
                                         **_driver_args(args, run_name, base_dir))  # type: ignore[arg-type]
     except ValueError as err:
         raise RecipeError(args.recipe, [str(err)]) from None
@@ -183,35 +184,39 @@ def _pipeline_script(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str
 
 def _ray_up_script(args: argparse.Namespace, recipe: Recipe) -> str:
     """Ray bring-up across the allocation with the fallback driver as the payload."""
-    from slurm.from_recipe import training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
+    from slurm.from_recipe import job_python, training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
     from slurm.render import fallback_driver_args, render_ray_up  # noqa: PLC0415
     from slurm.requests import RayPorts  # noqa: PLC0415
 
     run_name, base_dir, slurm_dir = _slurm_run(args, recipe)
-    payload = shlex.join([args.python, "-m", "kimi_core.runtime.fallback",
+    python = job_python(recipe, args.python)
+    payload = shlex.join([python, "-m", "kimi_core.runtime.fallback",
                           *fallback_driver_args(**_driver_args(args, run_name, base_dir))])  # type: ignore[arg-type]
     try:
         req = training_job_request(recipe, name=f"{run_name}-ray", output_dir=slurm_dir)
         ports = RayPorts(gcs=recipe.cluster.ray_port, dashboard=recipe.cluster.ray_dashboard_port)
-        return render_ray_up(req, payload_command=payload, ports=ports, python=args.python)
+        return render_ray_up(req, payload_command=payload, ports=ports, python=python)
     except ValueError as err:
         raise RecipeError(args.recipe, [str(err)]) from None
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    from slurm.executors import sbatch_script  # noqa: PLC0415 - `validate` needs no Slurm modules
+    from slurm.errors import SbatchRejected  # noqa: PLC0415 - `validate` needs no Slurm modules
+    from slurm.executors import sbatch_script  # noqa: PLC0415
 
     recipe = _load(args)
     script, slurm_dir = _pipeline_script(args, recipe)
     if args.dry_run:
         sys.stdout.write(script)
         return 0
+    from flows.checks import check_scheduler  # noqa: PLC0415 - `validate` needs no Slurm modules
     from kimi_core.run_state import RunPaths  # noqa: PLC0415 - `validate` needs no run state
     from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
     from kimi_core.runtime.ledger import tracking_uri_for  # noqa: PLC0415
 
-    try:  # checked here, before anything is submitted
+    try:  # checked here, before anything is written or submitted; the scheduler is asked last
         tracking_uri_for(recipe, RunPaths.of(recipe.cluster.base_dir or ".", args.run_name or recipe.name))
+        check_scheduler(recipe)
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
@@ -223,22 +228,26 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         job_id = sbatch_script(path, cwd=Path.cwd())
     except (RuntimeError, OSError) as err:
         err_console.print(f"[red]sbatch failed[/red]: {err}", highlight=False, soft_wrap=True)
-        return RUN_FAILED
+        return INVALID_INPUT if isinstance(err, SbatchRejected) else RUN_FAILED
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     console.print(f"submitted job {job_id}", highlight=False)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kimi_core.runtime.context import RunContext  # noqa: PLC0415 - the runtime only for `run`
+    from flows.checks import check_scheduler  # noqa: PLC0415 - the runtime only for `run`
+    from kimi_core.runtime.context import RunContext  # noqa: PLC0415
     from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
     from kimi_core.runtime.status import preflight  # noqa: PLC0415
 
     recipe = _load(args)  # invalid input exits 2 here, before Prefect starts
     ctx = RunContext(recipe_path=args.recipe, run_name=args.run_name, cluster=args.cluster,
                      overrides=tuple(args.overrides), base_dir=args.base_dir, num_rollout=args.num_rollout)
+    # A Slurm cluster that cannot take the jobs, or a recipe this install cannot run: exit 2, nothing
+    # submitted or created.
     try:
-        preflight(ctx)  # a recipe this install cannot run: exit 2, nothing submitted or created
+        check_scheduler(recipe)
+        preflight(ctx)
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
@@ -321,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(as `sbatch --dry-run`); ray-up: Ray across the allocation, the driver as payload")
     p.add_argument("--run-name", default=None)
     p.add_argument("--base-dir", default=None, help="overrides cluster.base_dir")
-    p.add_argument("--python", default="python3", help="interpreter in the job (sbatch, ray-up)")
+    p.add_argument("--num-rollout", type=int, default=None, help="absolute end rollout id (sbatch, ray-up)")
+    p.add_argument("--python", default=None, help=f"interpreter in the job (sbatch, ray-up); {PYTHON_DEFAULT}")
     p = sub.add_parser("run", help="run the pipeline (resumes automatically)")
     _add_recipe_args(p)
     p.add_argument("--run-name", default=None, help="defaults to the recipe's name")
@@ -331,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--run-name", default=None, help="defaults to the recipe's name")
     p.add_argument("--base-dir", default=None, help="overrides cluster.base_dir")
-    p.add_argument("--python", default="python3", help="interpreter in the job")
+    p.add_argument("--num-rollout", type=int, default=None, help="absolute end rollout id")
+    p.add_argument("--python", default=None, help=f"interpreter in the job; {PYTHON_DEFAULT}")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     p.add_argument("--output", default=None, metavar="PATH",
                    help=f"script path (default {{base_dir}}/runs/{{run}}/slurm/{SBATCH_FILENAME})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.checks import check_scheduler
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import SessionLost
 from kimi_core.runtime.flow_steps import SessionHandle, on_slurm, progress, rolled_over, rollout_steps
@@ -30,6 +31,7 @@ def kimi_k25_grpo(
     (docs/design.md §3, §6)."""
     ctx = RunContext(recipe_path=recipe, run_name=run_name, cluster=cluster, overrides=tuple(overrides or ()),
                      base_dir=base_dir, num_rollout=num_rollout)
+    check_scheduler(ctx.recipe())  # a Slurm cluster that cannot take the jobs: nothing is submitted
     preflight(ctx)  # an invalid recipe, or one this install cannot run, fails here: nothing is submitted
     done = completed_run(ctx)
     if done is not None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import submitit
 
+from slurm.errors import sbatch_error, submit_classified
 from slurm.requests import SlurmJobRequest, sbatch_options, time_limit_seconds
 
 ExecutorKind = Literal["local", "slurm"]
@@ -106,7 +107,8 @@ def submit_or_reattach(
     Slurm: a job that is pending, running or completed (per `sacct`) is re-attached with
     `submitit.SlurmJob(folder, job_id)`; failed, cancelled, timed-out or unknown jobs are
     submitted again. Local: a job whose result file exists is re-attached (a still-running
-    local process cannot be waited on from another process, so it is submitted again).
+    local process cannot be waited on from another process, so it is submitted again). A failed
+    sbatch raises `slurm.errors.SbatchRejected` or `SchedulerBusy`.
     """
     if job_id is not None:
         if isinstance(executor, submitit.SlurmExecutor) and slurm_job_state(job_id) in REATTACH_STATES:
@@ -115,7 +117,7 @@ def submit_or_reattach(
             job: submitit.LocalJob[Any] = submitit.LocalJob(folder=folder, job_id=job_id)
             if job.paths.result_pickle.exists():
                 return job
-    return executor.submit(fn, *args)
+    return submit_classified(executor, fn, *args)
 
 
 def cancel_jobs(job_ids: Iterable[str]) -> None:
@@ -126,9 +128,12 @@ def cancel_jobs(job_ids: Iterable[str]) -> None:
 
 
 def sbatch_script(script: str | Path, *, cwd: str | Path) -> str:
-    """Submit an sbatch script file (relative paths inside it resolve from `cwd`); the job id."""
+    """Submit an sbatch script file (relative paths inside it resolve from `cwd`); the job id.
+
+    A failed sbatch raises `slurm.errors.SbatchRejected` (permanent) or `SchedulerBusy` (transient).
+    """
     result = subprocess.run(["sbatch", "--parsable", str(script)], cwd=cwd, capture_output=True,
                             text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch {script} failed: {result.stderr.strip()}")
+        raise sbatch_error(result.stderr, what=str(script))
     return result.stdout.strip().split(";")[0]

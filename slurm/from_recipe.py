@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from kimi_core.recipe import Recipe
@@ -40,3 +41,14 @@ def training_job_request(recipe: Recipe, *, name: str, output_dir: str | Path = 
         requeue=True, signal_before_deadline_s=c.signal_before_deadline_s, extra_env=dict(recipe.env),
         exclusive=c.accelerator == "gpu",
     )
+
+
+def job_python(recipe: Recipe, override: str | None = None) -> str:
+    """The interpreter a rendered job runs: `override` when given; `python3` inside the recipe's
+    `cluster.container_image` (the container's own); else the interpreter running this process, as
+    an absolute path, so the job imports the packages installed beside it (a venv included)."""
+    if override:
+        return override
+    if recipe.cluster.container_image:
+        return "python3"
+    return sys.executable or "python3"

@@ -31,6 +31,8 @@ class StageLauncher:
 
     def launch(self, stage: str, fn: Callable[..., dict[str, Any]], *args: Any,
                reattach_to: str | None) -> submitit.Job[dict[str, Any]]:
+        """Submit `fn(*args)` as the job of `stage` (or re-attach to `reattach_to`); a failed sbatch raises
+        `slurm.errors.SbatchRejected` (permanent) or `SchedulerBusy` (transient, retried by the task)."""
         folder = self.logs / "jobs" / stage
         request = stage_job_request(self.recipe, name=f"{self.run_name}-{stage}", output_dir=folder)
         executor = make_executor(self.recipe.cluster.executor, folder, request=request)

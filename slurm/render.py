@@ -146,11 +146,13 @@ _GPU_ENGINE_NOTE = (
 
 
 def fallback_driver_args(
-    *, recipe_path: str, run_name: str, base_dir: str, cluster_profile: str | None, overrides: list[str]
+    *, recipe_path: str, run_name: str, base_dir: str, cluster_profile: str | None, overrides: list[str],
+    num_rollout: int | None = None,
 ) -> list[str]:
     """Arguments of `python -m kimi_core.runtime.fallback` for one run (unquoted)."""
     args = [recipe_path, "--run-name", run_name, "--base-dir", base_dir]
     args += ["--cluster", cluster_profile] if cluster_profile else []
+    args += ["--num-rollout", str(num_rollout)] if num_rollout is not None else []
     for assignment in overrides:
         args += ["--set", assignment]
     return args
@@ -166,6 +168,7 @@ def render_pipeline_sbatch(
     overrides: list[str],
     python: str = "python3",
     workdir: str | None = None,
+    num_rollout: int | None = None,
 ) -> str:
     """An sbatch script running the whole pipeline with the fallback driver, requeued on preemption.
 
@@ -182,7 +185,7 @@ def render_pipeline_sbatch(
     if not recipe_path.strip() or not base_dir.strip():
         raise ValueError("recipe_path and base_dir must be non-empty")
     args = fallback_driver_args(recipe_path=recipe_path, run_name=run_name, base_dir=base_dir,
-                                cluster_profile=cluster_profile, overrides=overrides)
+                                cluster_profile=cluster_profile, overrides=overrides, num_rollout=num_rollout)
     launcher = ""
     if req.container_image:
         launcher = f"srun --nodes=1 --ntasks=1{_container_args(req)} "

@@ -31,11 +31,13 @@ def test_importing_the_flow_does_not_import_torch() -> None:
 
 
 @pytest.mark.parametrize(("recipe", "cluster", "why"), [
-    ("configs/kimi-k25-grpo.yaml", "h200", "cluster.executor='slurm'"),
+    ("configs/kimi-k25-grpo.yaml", "h200", "not found on PATH (cluster.executor=slurm)"),
     ("configs/kimi-k25-grpo.yaml", None, "no GPU engine"),
 ])
 def test_a_recipe_this_install_cannot_run_is_refused_before_anything_runs(
-        recipe: str, cluster: str | None, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        recipe: str, cluster: str | None, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm here, whether or not this machine has it
     argv = ["run", str(REPO / recipe), "--base-dir", str(tmp_path / "base"), "--run-name", "refused"]
     argv += ["--cluster", cluster] if cluster else []
     assert main(argv) == 2

@@ -62,11 +62,40 @@ def set_args(overrides: list[str]) -> list[str]:
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_pipeline_sbatch_golden(name: str, in_repo: None, capsys: pytest.CaptureFixture[str]) -> None:
     recipe_path, profile = GOLDEN[name]
-    code, rendered, _ = cli(["render", recipe_path, "--cluster", profile, "--what", "sbatch"], capsys)
+    # The local profile's default interpreter is this process's: pinned to python3 for the golden file.
+    python = ["--python", "python3"]
+    code, rendered, _ = cli(["render", recipe_path, "--cluster", profile, "--what", "sbatch", *python], capsys)
     assert code == 0
     assert_matches_golden(rendered, name)
-    code, dry_run, _ = cli(["sbatch", recipe_path, "--cluster", profile, "--dry-run"], capsys)
+    code, dry_run, _ = cli(["sbatch", recipe_path, "--cluster", profile, "--dry-run", *python], capsys)
     assert (code, dry_run) == (0, rendered)
+
+
+@pytest.mark.parametrize(("extra", "python"), [
+    ([], sys.executable),  # the interpreter running kimi-grpo: the job imports what it has installed
+    (["--set", "cluster.container_image=miles:test"], "python3"),  # the container's own
+    (["--python", "/opt/py/bin/python"], "/opt/py/bin/python"),
+])
+def test_sbatch_job_interpreter(in_repo: None, capsys: pytest.CaptureFixture[str], extra: list[str],
+                                python: str) -> None:
+    code, script, err = cli(["sbatch", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--dry-run", *extra], capsys)
+    assert code == 0, err
+    assert f"PYTHON={shlex.quote(python)}" in script.splitlines()
+    code, ray_up, err = cli(["render", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--what", "ray-up", *extra],
+                            capsys)
+    assert code == 0, err
+    assert f"PAYLOAD='{python} -m kimi_core.runtime.fallback {LOCAL_RECIPE} " in ray_up  # no quoting needed here
+
+
+def test_num_rollout_reaches_the_driver(in_repo: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code, script, err = cli(["sbatch", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--dry-run",
+                             "--num-rollout", "7"], capsys)
+    assert code == 0, err
+    line = next(line for line in script.splitlines() if line.startswith("DRIVER_ARGS=("))
+    assert line.endswith(" --cluster localhost-slurm --num-rollout 7)")
+    code, ray_up, _ = cli(["render", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--what", "ray-up",
+                           "--num-rollout", "7"], capsys)
+    assert code == 0 and " --cluster localhost-slurm --num-rollout 7'" in ray_up
 
 
 def test_h200_script_carries_the_recipe_and_profile() -> None:
@@ -239,13 +268,15 @@ def test_sbatch_runs_the_local_recipe_to_completion(
 ) -> None:
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     run = f"complete-{uuid.uuid4().hex[:6]}"
-    overrides = [*SMALL, "rollout.num_rollout=6", "checkpoint.save_interval=2", "eval.interval=3"]
+    overrides = [*SMALL, "checkpoint.save_interval=2", "eval.interval=3"]
+    # No --python: the job runs the interpreter running kimi-grpo (here the test's, with the project installed).
     code, out, err = cli(["sbatch", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--base-dir", str(shared_base),
-                          "--run-name", run, "--python", sys.executable, *set_args(overrides)], capsys)
+                          "--run-name", run, "--num-rollout", "6", *set_args(overrides)], capsys)
     assert code == 0, err
     job_id = re.search(r"submitted job (\d+)", out).group(1)  # type: ignore[union-attr]
     paths = RunPaths.of(shared_base, run)
-    assert (paths.run_dir / "slurm" / SBATCH_FILENAME).is_file()
+    script = (paths.run_dir / "slurm" / SBATCH_FILENAME).read_text().splitlines()
+    assert f"PYTHON={shlex.quote(sys.executable)}" in script
     log = paths.run_dir / "slurm" / f"{run}-{job_id}.out"
     state = finish(job_id, timeout_s=200)
     assert state == "COMPLETED", log_tail(log)
