@@ -45,7 +45,7 @@ from kimi_core.runtime.ray_slurm import (
     check_versions,
     ray_node_main,
     read_ready,
-    token_env,
+    use_token,
     wait_ready,
 )
 from kimi_core.runtime.session import ActorOptions, ActorSession, attach_actor, engine_threads, lookup_actor
@@ -215,7 +215,7 @@ class LiveObjects:
                 ray.shutdown()
             self._token = token
             if address.startswith("ray://"):
-                os.environ.update(token_env(self._token))
+                use_token(self._token)
             elif address.startswith("127.0.0.1:"):
                 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; when it is on (the Linux
                 # default) a driver swaps 127.0.0.1 for the machine's address and never reaches a

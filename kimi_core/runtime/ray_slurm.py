@@ -98,6 +98,19 @@ def token_env(token_path: Path | str | None) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.path.abspath(token_path)}
 
 
+def use_token(token_path: Path | str | None) -> None:
+    """Make this process (a driver about to connect) use the token auth of `token_env(token_path)`.
+
+    Ray reads `RAY_AUTH_MODE` into its cached config when it is imported, so after setting the
+    variables the config and the token cache are reloaded (as Ray's own `_enable_token_auth` does in
+    `ray/_private/authentication/authentication_token_setup.py`, Ray 2.60)."""
+    os.environ.update(token_env(token_path))
+    from ray._raylet import AuthenticationTokenLoader, Config  # noqa: PLC0415 - drivers only
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 # ---- the job's side --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RayNodeSpec:
@@ -319,7 +332,7 @@ def wait_ready(files: RayFiles, job_id: str, *, queue: JobQueue, submitter: RayJ
                                   f"{log_tail(submitter.log_paths(job_id))}")
         elif state in ("PENDING", "CONFIGURING", "UNKNOWN"):
             if state == "PENDING" and time.monotonic() - reported >= PENDING_REPORT_S:
-                console.print(f"Ray job {job_id} pending: {queue.reason(job_id) or 'no reason given'}", markup=False)
+                console.print(f"Ray job {job_id} pending (Slurm reason: {queue.reason(job_id) or 'none given'})", markup=False)
                 reported = time.monotonic()
         else:
             raise SessionLost(f"Ray job {job_id} ended before it was ready: {state}. Log tail:\n"
