@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -183,21 +182,16 @@ def _pipeline_script(args: argparse.Namespace, recipe: Recipe) -> tuple[str, str
 
 
 def _ray_up_script(args: argparse.Namespace, recipe: Recipe) -> str:
-    """Ray bring-up across the allocation with the fallback driver as the payload."""
-    from slurm.from_recipe import job_python, training_job_request  # noqa: PLC0415 - `validate` needs no Slurm modules
-    from slurm.render import fallback_driver_args, render_ray_up  # noqa: PLC0415
-    from slurm.requests import RayPorts  # noqa: PLC0415
+    """The sbatch script of the run's Ray job, exactly as the flow submits it (submitit's text)."""
+    from kimi_core.run_state import RunPaths  # noqa: PLC0415 - `validate` needs no run state
+    from kimi_core.runtime.ray_slurm import RayFiles  # noqa: PLC0415
+    from slurm.ray_job import RaySlurmJobs  # noqa: PLC0415 - `validate` needs no Slurm modules
 
-    run_name, base_dir, slurm_dir = _slurm_run(args, recipe)
-    python = job_python(recipe, args.python)
-    payload = shlex.join([python, "-m", "kimi_core.runtime.fallback",
-                          *fallback_driver_args(**_driver_args(args, run_name, base_dir))])  # type: ignore[arg-type]
-    try:
-        req = training_job_request(recipe, name=f"{run_name}-ray", output_dir=slurm_dir)
-        ports = RayPorts(gcs=recipe.cluster.ray_port, dashboard=recipe.cluster.ray_dashboard_port)
-        return render_ray_up(req, payload_command=payload, ports=ports, python=python)
-    except ValueError as err:
-        raise RecipeError(args.recipe, [str(err)]) from None
+    run_name, base_dir, _ = _slurm_run(args, recipe)
+    run_dir = RunPaths.of(base_dir, run_name).run_dir
+    jobs = RaySlurmJobs.for_run(recipe, run_name=run_name, run_dir=run_dir, python=args.python,
+                                deadline_mark_prefix=RayFiles.of(run_dir).deadline_prefix)
+    return jobs.script()
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
@@ -327,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--what", required=True, choices=["miles-args", "sbatch", "ray-up"],
                    help="miles-args: the reference launcher's arguments; sbatch: the pipeline job "
-                        "(as `sbatch --dry-run`); ray-up: Ray across the allocation, the driver as payload")
+                        "(as `sbatch --dry-run`); ray-up: the run's Ray job, exactly as the flow submits it")
     p.add_argument("--run-name", default=None)
     p.add_argument("--base-dir", default=None, help="overrides cluster.base_dir")
     p.add_argument("--num-rollout", type=int, default=None, help="absolute end rollout id (sbatch, ray-up)")

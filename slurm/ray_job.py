@@ -10,6 +10,7 @@ mark, which the flow reads at the next rollout boundary. The same submission tex
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ import submitit
 
 from kimi_core.recipe import Recipe
 from slurm.executors import slurm_parameters
-from slurm.from_recipe import training_job_request
+from slurm.from_recipe import job_python, training_job_request
 from slurm.requests import SlurmJobRequest
 
 #: States in which a job may still run (or is running); anything else has ended.
@@ -58,15 +59,19 @@ class RaySlurmJobs:
     request: SlurmJobRequest
     folder: str
     deadline_mark_prefix: str
+    python: str
 
     @classmethod
-    def for_run(cls, recipe: Recipe, *, run_name: str, run_dir: Path, deadline_mark_prefix: str) -> RaySlurmJobs:
-        folder = run_dir / "slurm"
+    def for_run(cls, recipe: Recipe, *, run_name: str, run_dir: Path, deadline_mark_prefix: str,
+                python: str | None = None) -> RaySlurmJobs:
+        """The Ray job of run `run_name`; every task runs `job_python(recipe, python)` (the interpreter
+        running this process, or the container's `python3`)."""
+        folder = Path(os.path.abspath(run_dir)) / "slurm"
         return cls(request=ray_job_request(recipe, run_name=run_name, output_dir=folder), folder=str(folder),
-                   deadline_mark_prefix=deadline_mark_prefix)
+                   deadline_mark_prefix=deadline_mark_prefix, python=job_python(recipe, python))
 
     def executor(self) -> submitit.SlurmExecutor:
-        executor = submitit.SlurmExecutor(folder=self.folder)
+        executor = submitit.SlurmExecutor(folder=self.folder, python=shlex.quote(self.python))
         params = slurm_parameters(self.request)
         params.pop("setup", None)  # the environment is exported by `_batch_setup`
         params["srun_args"] = [*params.get("srun_args", []), "--kill-on-bad-exit=1"]

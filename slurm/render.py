@@ -12,13 +12,9 @@ import shlex
 from importlib import resources
 
 from kimi_core.exit_codes import REQUEUE_EXIT
-from slurm.requests import RayPorts, SlurmJobRequest, sbatch_options
+from slurm.requests import SlurmJobRequest, sbatch_options
 
 _PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
-DEFAULT_RAY_PORTS = RayPorts()
-"""The pinned defaults of `RayPorts` (frozen: safe as a shared default)."""
-DEFAULT_RAY_TEMP_DIR = "/tmp/ray-$(id -u)-$SLURM_JOB_ID"
-"""Per-user, per-job and short: Ray's unix socket paths must stay under ~107 bytes."""
 
 
 def fill_template(name: str, values: dict[str, str]) -> str:
@@ -46,59 +42,6 @@ def _container_args(req: SlurmJobRequest) -> str:
     # The request validated the image name to shell-safe characters ('#' only starts a comment
     # at the beginning of a word).
     return f" --container-image={req.container_image}" if req.container_image else ""
-
-
-def render_ray_up(
-    req: SlurmJobRequest,
-    *,
-    payload_command: str,
-    num_cpus_per_node: int | None = None,
-    ports: RayPorts = DEFAULT_RAY_PORTS,
-    temp_dir: str = DEFAULT_RAY_TEMP_DIR,
-    readiness_timeout_s: int = 900,
-    python: str = "python3",
-) -> str:
-    """An sbatch script that brings up Ray across the allocation, then runs `payload_command`.
-
-    Head on the first node (`scontrol show hostnames`), one worker per other node, each
-    `ray start --block` in its own `srun` step with `--num-gpus=req.gpus_per_node`; every Ray
-    node carries the custom resource `slurm_node_<hostname>: 1`. Ready when every node has
-    registered and `nodes * gpus_per_node` GPUs are visible, else the job fails naming the
-    missing nodes. `RAY_ADDRESS=<head ip>:<gcs port>` is exported for the payload (a shell
-    command run with `bash -c` on the head node). `temp_dir` is a shell expression evaluated in
-    the job; each node uses `<temp_dir>/<hostname>`.
-    """
-    num_cpus = req.cpus_per_task if num_cpus_per_node is None else num_cpus_per_node
-    if num_cpus < 1 or readiness_timeout_s < 1:
-        raise ValueError("num_cpus_per_node and readiness_timeout_s must be >= 1")
-    if ports.highest_port(num_nodes=req.nodes) >= 32768:
-        raise ValueError(
-            f"Ray ports reach {ports.highest_port(num_nodes=req.nodes)} for {req.nodes} nodes: "
-            "keep them below the ephemeral range (32768); lower node_port_stride or the bases"
-        )
-    if not payload_command.strip():
-        raise ValueError("payload_command is empty")
-    gpu_args = f"--gpus-per-node={req.gpus_per_node}" if req.gpus_per_node else ""
-    body = fill_template("ray_up.sh", {
-        "extra_env": _export_lines(req.extra_env),
-        "python": shlex.quote(python),
-        "temp_dir": temp_dir,
-        "gpus_per_node": str(req.gpus_per_node),
-        "cpus_per_node": str(num_cpus),
-        "readiness_timeout_s": str(readiness_timeout_s),
-        "stop_grace_s": "30",
-        "gcs_port": str(ports.gcs),
-        "dashboard_port": str(ports.dashboard),
-        "client_server_port": str(ports.client_server),
-        "node_port_base": str(ports.node_port_base),
-        "min_worker_port": str(ports.min_worker),
-        "max_worker_port": str(ports.max_worker),
-        "node_port_stride": str(ports.node_port_stride),
-        "container_args": _container_args(req),
-        "gpu_args": gpu_args,
-        "payload": shlex.quote(payload_command),
-    })
-    return render_sbatch_header(req) + body
 
 
 def render_conversion_job(

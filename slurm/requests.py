@@ -1,4 +1,4 @@
-"""Typed requests for Slurm jobs and Ray-on-Slurm port layouts (validated when built)."""
+"""Typed requests for Slurm jobs (validated when built)."""
 
 from __future__ import annotations
 
@@ -152,40 +152,3 @@ def sbatch_options(req: SlurmJobRequest) -> list[SbatchOption]:
     if req.signal_before_deadline_s is not None:
         options.append(("signal", f"B:USR1@{req.signal_before_deadline_s}"))
     return options
-
-
-class RayPorts(_Frozen):
-    """Pinned Ray ports, all below Linux's ephemeral range (32768-60999) so nothing random collides.
-
-    Per-node ports are `node_port_base + k` (k = 0 node manager, 1 object manager, 2 metrics,
-    3 dashboard agent gRPC, 4 dashboard agent HTTP, 5 runtime-env agent) plus the worker range,
-    each shifted by `node_index * node_port_stride`. The stride is 0 on a real cluster (every node
-    is its own host); it must be > 0 when several Ray nodes share one host (the local test cluster).
-    """
-
-    gcs: int = Field(default=6379, ge=1024, le=32767)
-    """GCS server port on the head (`--port`)."""
-    dashboard: int = Field(default=8265, ge=1024, le=32767)
-    """Dashboard HTTP port on the head."""
-    client_server: int = Field(default=10001, ge=1024, le=32767)
-    """Ray client server port on the head."""
-    node_port_base: int = Field(default=6800, ge=1024, le=32767)
-    """First of the six per-node daemon ports."""
-    min_worker: int = Field(default=10002, ge=1024, le=32767)
-    """Lowest worker port."""
-    max_worker: int = Field(default=10999, ge=1024, le=32767)
-    """Highest worker port."""
-    node_port_stride: int = Field(default=0, ge=0)
-    """Added per node index to every per-node port (0 = same ports on every node)."""
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> RayPorts:
-        if self.min_worker > self.max_worker:
-            raise ValueError(f"min_worker={self.min_worker} > max_worker={self.max_worker}")
-        return self
-
-    def highest_port(self, *, num_nodes: int) -> int:
-        """The largest port any node uses; must stay below the ephemeral range."""
-        shift = (num_nodes - 1) * self.node_port_stride
-        return max(self.gcs, self.dashboard, self.client_server,
-                   self.node_port_base + 5 + shift, self.max_worker + shift)

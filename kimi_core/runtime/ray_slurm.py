@@ -17,6 +17,7 @@ is a lost session (`JobWatch`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import secrets
@@ -105,7 +106,7 @@ def use_token(token_path: Path | str | None) -> None:
     variables the config and the token cache are reloaded (as Ray's own `_enable_token_auth` does in
     `ray/_private/authentication/authentication_token_setup.py`, Ray 2.60)."""
     os.environ.update(token_env(token_path))
-    from ray._raylet import AuthenticationTokenLoader, Config  # noqa: PLC0415 - drivers only
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # noqa: PLC0415 - drivers only
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -213,7 +214,7 @@ def _announce_ready(spec: RayNodeSpec, proc: subprocess.Popen[bytes], *, job_id:
         if proc.poll() is not None:
             raise RuntimeError(f"Ray head on {node} exited with status {proc.returncode} before it was ready")
         try:
-            ray.init(address=f"{ip}:{spec.ray.gcs_port}", logging_level="ERROR", log_to_driver=False)
+            ray.init(address=f"{ip}:{spec.ray.gcs_port}", logging_level=logging.ERROR, log_to_driver=False)
             break
         except Exception as exc:
             if time.monotonic() > deadline:
@@ -222,7 +223,7 @@ def _announce_ready(spec: RayNodeSpec, proc: subprocess.Popen[bytes], *, job_id:
     try:
         missing = list(nodes)
         while True:
-            alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+            alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]  # type: ignore[no-untyped-call]
             seen = {key[len(NODE_RESOURCE_PREFIX):]: res for res in alive for key in res
                     if key.startswith(NODE_RESOURCE_PREFIX)}
             missing = [n for n in nodes if n not in seen or seen[n].get("GPU", 0) < spec.gpus_per_node
@@ -237,7 +238,7 @@ def _announce_ready(spec: RayNodeSpec, proc: subprocess.Popen[bytes], *, job_id:
         probe = ray.remote(num_cpus=0)(_preflight_probe)
         refs = [probe.options(resources={NODE_RESOURCE_PREFIX + n: 0.001}).remote() for n in nodes]
         probes = ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
-        totals = ray.cluster_resources()
+        totals = ray.cluster_resources()  # type: ignore[no-untyped-call]
     finally:
         ray.shutdown()
     record = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,21 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import psutil
 import pytest
 import submitit
 
-from slurm.executors import cancel_jobs, make_executor, sbatch_script, slurm_job_state, submit_or_reattach
-from slurm.render import render_conversion_job, render_ray_up
-from slurm.requests import RayPorts, SlurmJobRequest
+from slurm.executors import make_executor, sbatch_script, slurm_job_state, submit_or_reattach
+from slurm.render import render_conversion_job
+from slurm.requests import SlurmJobRequest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 T = TypeVar("T")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-# Two Ray nodes share this host, so the second one gets its ports shifted by the stride.
-LOCAL_RAY_PORTS = RayPorts(gcs=26379, dashboard=28265, client_server=20001, node_port_base=26800,
-                           min_worker=20002, max_worker=20999, node_port_stride=1000)
-
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float, what: str) -> T:
     """Poll `predicate()` until truthy; fail naming `what` after `timeout_s`."""
@@ -91,20 +85,6 @@ def test_job_dying_without_result_raises_and_is_resubmitted(tmp_path: Path) -> N
     assert retry.result() == 2
 
 
-def ray_processes(job_id: str, temp_dir: str) -> list[psutil.Process]:
-    """Processes of the job: its SLURM_JOB_ID in their environment or its Ray temp dir in argv."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            cmdline = " ".join(proc.cmdline())
-            environ = proc.environ()
-        except (psutil.Error, OSError):
-            continue
-        if environ.get("SLURM_JOB_ID") == job_id or temp_dir in cmdline:
-            found.append(proc)
-    return found
-
-
 # A job's output file is shared by every process of the job (the batch shell, each srun step,
 # each torchrun rank): their writes interleave, and Python's print writes the text and its "\n"
 # in two write() calls when PYTHONUNBUFFERED is set (as .ci/run does), so one process's record
@@ -121,58 +101,9 @@ def write_report(path, record):
 """
 
 
-def read_report(path: Path) -> dict | None:
-    """The JSON record a job process wrote to `path` (None while there is none)."""
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def log_text(path: Path) -> str:
     """The job's shared output file, for failure messages."""
     return path.read_text()[-5000:] if path.exists() else f"(no output file {path})"
-
-
-PAYLOAD = """import json, sys, ray
-""" + REPORT_WRITER + """
-ray.init()
-nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-report = {
-    "gpus": ray.cluster_resources()["GPU"],
-    "head": [k[11:] for r in nodes if "node:__internal_head__" in r for k in r if k.startswith("slurm_node_")],
-    "nodes": sorted(k[11:] for r in nodes for k in r if k.startswith("slurm_node_")),
-}
-write_report(sys.argv[1], report)
-print("PAYLOAD " + json.dumps(report), flush=True)
-"""
-
-
-@pytest.mark.timeout(300)
-def test_ray_up_spans_both_nodes_and_scancel_leaves_nothing(tmp_path: Path) -> None:
-    req = request(tmp_path, nodes=2, gpus_per_node=8, cpus=2)
-    (tmp_path / "payload.py").write_text(PAYLOAD)
-    report_path = tmp_path / "payload.json"
-    payload = f"{sys.executable} {tmp_path / 'payload.py'} {report_path} && sleep 600"
-    script = tmp_path / "ray_up.sbatch"
-    script.write_text(render_ray_up(req, payload_command=payload, ports=LOCAL_RAY_PORTS,
-                                    python=sys.executable, readiness_timeout_s=120))
-    job_id = sbatch_script(script, cwd=tmp_path)
-    output = tmp_path / f"{req.job_name}-{job_id}.out"
-    temp_dir = f"/tmp/ray-{os.getuid()}-{job_id}/"
-    try:
-        report = wait_until(lambda: read_report(report_path), timeout_s=180,
-                            what=f"the payload's report {report_path} (job log {output})")
-        assert report == {"gpus": 16.0, "head": ["n1"], "nodes": ["n1", "n2"]}, log_text(output)
-        assert ray_processes(job_id, temp_dir), "no Ray processes found for a running job"
-    finally:
-        cancel_jobs([job_id])
-    wait_until(lambda: slurm_job_state(job_id) == "CANCELLED", timeout_s=60,
-               what=f"job {job_id} CANCELLED")
-    wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True,
-                                          text=True).stdout.strip(),
-               timeout_s=60, what=f"job {job_id} to leave the queue")
-    left = wait_until(lambda: not ray_processes(job_id, temp_dir) or None, timeout_s=30,
-                      what=f"no processes of job {job_id} left")
-    assert left
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 ALL_REDUCE = """import os, sys

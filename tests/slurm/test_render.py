@@ -5,14 +5,18 @@ from __future__ import annotations
 import difflib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from slurm.render import render_conversion_job, render_ray_up
-from slurm.requests import RayPorts, SlurmJobRequest
+from kimi_core.recipe import load_recipe
+from slurm.ray_job import RaySlurmJobs
+from slurm.render import render_conversion_job
+from slurm.requests import SlurmJobRequest
 
+REPO = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden" / "slurm"
 UPDATE_ENV = "KIMI_GRPO_UPDATE_GOLDEN"
 
@@ -56,16 +60,43 @@ def assert_matches_golden(rendered: str, name: str) -> None:
                     f"accept it with: {UPDATE_ENV}=1 pytest tests/slurm", pytrace=False)
 
 
-def test_ray_up_h200_golden() -> None:
-    req = h200_request("kimi-k25-grpo", requeue=True, signal_before_deadline_s=300)
-    script = render_ray_up(req, payload_command="python3 -m flows.driver --run-name kimi-k25-grpo")
-    assert_matches_golden(script, "ray_up_h200_32n.sbatch")
+def _ray_job_script(recipe_path: str, profile: str, *overrides: str) -> str:
+    """The Ray job's sbatch text for a fixed base dir and interpreter (both machine-specific otherwise)."""
+    recipe = load_recipe(REPO / recipe_path, overrides=list(overrides), cluster=profile, base_dir="/shared/kimi")
+    run_dir = Path("/shared/kimi/runs/golden")
+    jobs = RaySlurmJobs.for_run(recipe, run_name="golden", run_dir=run_dir, python="/opt/venv/bin/python",
+                                deadline_mark_prefix=str(run_dir / "ray" / "deadline-"))
+    return jobs.script()
 
 
-def test_ray_up_local_golden() -> None:
-    script = render_ray_up(local_request("kimi-local"), readiness_timeout_s=120,
-                           payload_command="python3 -m flows.driver --run-name local")
-    assert_matches_golden(script, "ray_up_local_1n.sbatch")
+def test_ray_job_h200_golden() -> None:
+    script = _ray_job_script("configs/kimi-k25-grpo.yaml", "h200")
+    assert "--kill-on-bad-exit=1" in script and "#SBATCH --signal=B:USR1@900" in script
+    assert "#SBATCH --no-requeue" in script and "#SBATCH --job-name=golden-ray" in script
+    assert_matches_golden(script, "ray_job_h200.sbatch")
+
+
+def test_ray_job_localhost_slurm_golden() -> None:
+    script = _ray_job_script("configs/local.yaml", "localhost-slurm", "cluster.num_nodes=2")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert_matches_golden(script, "ray_job_localhost_slurm.sbatch")
+
+
+def test_ray_job_deadline_trap_marks_without_waiting_for_srun(tmp_path: Path) -> None:
+    """The batch shell's USR1 trap runs while `srun` still runs (bash defers traps of foreground
+    commands), and the exit status of the wrapped `srun` is kept."""
+    script = _ray_job_script("configs/local.yaml", "localhost-slurm", "cluster.num_nodes=2")
+    setup = script.split("# setup\n", 1)[1].split("\n\n", 1)[0].replace("/shared/kimi/runs/golden/ray", str(tmp_path))
+    fake_srun = tmp_path / "bin" / "srun"
+    fake_srun.parent.mkdir()
+    fake_srun.write_text("#!/bin/bash\nsleep 3\nexit 7\n")
+    fake_srun.chmod(0o755)
+    driver = f"SLURM_JOB_ID=42\n{setup}\n(sleep 1; kill -USR1 $$) &\nsrun x\necho rc=$? mark=$(ls {tmp_path})\n"
+    started = time.monotonic()
+    out = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PATH": f"{fake_srun.parent}:{os.environ['PATH']}"})
+    assert "rc=7" in out.stdout and "deadline-42" in out.stdout, out.stdout + out.stderr
+    assert (tmp_path / "deadline-42").exists() and time.monotonic() - started < 10
 
 
 def test_conversion_h200_golden() -> None:
@@ -121,17 +152,6 @@ def test_request_is_frozen_and_time_limit_in_seconds() -> None:
     assert req.time_limit_s == 48 * 3600
     with pytest.raises(ValidationError):
         req.nodes = 2  # type: ignore[misc]
-
-
-def test_ray_ports_must_stay_below_ephemeral_range() -> None:
-    ports = RayPorts(node_port_stride=1000)
-    with pytest.raises(ValueError, match="below the ephemeral range"):
-        render_ray_up(h200_request("x"), payload_command="true", ports=ports)
-
-
-def test_ray_up_rejects_empty_payload() -> None:
-    with pytest.raises(ValueError, match="payload_command is empty"):
-        render_ray_up(local_request("x"), payload_command=" ")
 
 
 def test_conversion_rejects_bad_arguments() -> None:
