@@ -13,7 +13,9 @@ file `<run_dir>/.fault-at-save-<id>` (`.fault-at-train-<id>`) and never fires wh
 - `kill` (default): SIGKILL its own process;
 - `pause`: sleep up to `PAUSE_S` (600 s) there, then carry on, so that a test can kill the whole
   machine's processes mid-save;
-- `raise`: raise a `ConnectionError` (a transient error: the same call retried succeeds).
+- `raise`: raise a `ConnectionError` (a transient error: the same call retried succeeds);
+- `hold`: wait there until the test creates `<marker>.release` (at most `PAUSE_S`), then carry on,
+  so that a test can act at a known point of a rollout (e.g. signal the Ray job mid-rollout).
 
 In-process, `raise_once(point, rollout_id)` builds a hook for `kimi_core.faults.fault_hook`.
 """
@@ -32,7 +34,7 @@ AT_SAVE_ENV = "KIMI_TEST_FAULT_AT_SAVE"
 AT_TRAIN_ENV = "KIMI_TEST_FAULT_AT_TRAIN"
 #: Environment variable: `kill` (default), `pause` or `raise`.
 MODE_ENV = "KIMI_TEST_FAULT_MODE"
-MODES = ("kill", "pause", "raise")
+MODES = ("kill", "pause", "raise", "hold")
 PAUSE_S = 600.0
 
 
@@ -55,6 +57,11 @@ def marker_path(run_dir: Path, point: str, rollout_id: int) -> Path:
     return run_dir / f".fault-at-{point.split('.')[0]}-{rollout_id}"
 
 
+def release_path(marker: Path) -> Path:
+    """The file that lets a `hold` fault at `marker` carry on."""
+    return marker.with_name(marker.name + ".release")
+
+
 def _fire_once(name: str, point: str, env: str, *, rollout_id: int, run_dir: Path) -> None:
     if name != point or os.environ.get(env) != str(rollout_id):
         return
@@ -67,6 +74,10 @@ def _fire_once(name: str, point: str, env: str, *, rollout_id: int, run_dir: Pat
     marker.touch()
     if mode == "pause":
         time.sleep(PAUSE_S)
+    elif mode == "hold":
+        release, deadline = release_path(marker), time.monotonic() + PAUSE_S
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     elif mode == "raise":
         raise InjectedFault(f"injected transient fault at {point} of rollout {rollout_id}")
     else:

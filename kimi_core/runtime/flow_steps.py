@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime.context import RunContext
@@ -201,7 +201,7 @@ class LiveObjects:
         self._token: Path | None = None
         self._lock = threading.Lock()
 
-    def connect(self, address: str, *, token: Path | None = None) -> None:
+    def connect(self, address: str, *, token: Path | None = None, cluster_id: str | None = None) -> None:
         """Connect this process to the Ray cluster at `address` as a driver (a `ray://` address: as a
         Ray Client, with the run's token file when given); a process connected to another address
         (an earlier head or Ray job of the run) disconnects first."""
@@ -209,8 +209,10 @@ class LiveObjects:
         from ray._private import ray_constants  # noqa: PLC0415
 
         with self._lock:
+            # A new Ray job of the run listens at the same pinned address: the job id tells them apart.
+            identity = f"{address}#{cluster_id or ''}"
             if ray.is_initialized():
-                if self._ray_address == address:
+                if self._ray_address == identity:
                     return
                 ray.shutdown()
             self._token = token
@@ -223,7 +225,7 @@ class LiveObjects:
                 os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
                 ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
-            self._ray_address = address
+            self._ray_address = identity
 
     def disconnect(self) -> None:
         import ray  # noqa: PLC0415 - see connect
@@ -265,7 +267,7 @@ def open_session(ctx: RunContext, cluster: ClusterInfo, data: dict[str, Any], mo
     """Open (or re-attach to) the engine actor and the MLflow run; return where the session starts."""
     started = time.perf_counter()
     ledger = RunLedger(ctx)
-    LIVE.connect(cluster.address, token=_token_of(ledger))
+    LIVE.connect(cluster.address, token=_token_of(ledger), cluster_id=cluster.job_id)
     first = ledger.start_rollout_id()
     attempt = ledger.manifest.begin_attempt(
         reason="start" if first == 0 and not ledger.manifest.resume_history else "resume", start_rollout_id=first)
@@ -314,7 +316,7 @@ def _record_placement(ledger: RunLedger, actor: Any, cluster: ClusterInfo, track
 
 def _rebuild(handle: SessionHandle) -> RolloutLoop:
     ledger = RunLedger(handle.run)
-    LIVE.connect(handle.address, token=_token_of(ledger))
+    LIVE.connect(handle.address, token=_token_of(ledger), cluster_id=handle.ray_job_id)
     loop = ledger.rollout_loop(ActorSession(lookup_actor(ledger.paths.run_name, namespace=NAMESPACE),
                                             handle.watch()), start=handle.start)
     loop.pending_evals = handle.pending_evals
@@ -343,12 +345,26 @@ def rolled_over(handle: SessionHandle) -> bool:
 
 def train_rollout(handle: SessionHandle, rollout_id: int) -> RolloutResult:
     """Run one rollout in the engine session (saving when the loop says so); log it once."""
-    return LIVE.get(handle).train(rollout_id)
+    return _on_session(handle, lambda loop: loop.train(rollout_id))
 
 
 def evaluate(handle: SessionHandle, rollout_id: int) -> EvalResult:
     """Evaluate the current policy; log the eval metrics once and the sample table."""
-    return LIVE.get(handle).evaluate(rollout_id)
+    return _on_session(handle, lambda loop: loop.evaluate(rollout_id))
+
+
+_R = TypeVar("_R")
+
+
+def _on_session(handle: SessionHandle, call: Callable[[RolloutLoop], _R]) -> _R:
+    """`call` on the session's loop; a lost connection (the cluster still runs: transient) drops this
+    process's connection and loop, so the retried task reconnects and gets the session's result."""
+    try:
+        return call(LIVE.get(handle))
+    except ConnectionError:
+        LIVE.drop(handle.run)
+        LIVE.disconnect()
+        raise
 
 
 # ---- the end ---------------------------------------------------------------------------------

@@ -204,7 +204,11 @@ class ActorSession:
 
         try:
             while watch is not None:
-                ready, _ = ray.wait([ref], timeout=WATCH_POLL_S)
+                try:
+                    ready, _ = ray.wait([ref], timeout=WATCH_POLL_S)
+                except Exception as exc:  # a Ray Client whose server went away raises a bare Exception
+                    watch()  # SessionLost when the job under the cluster has ended
+                    raise ConnectionError(f"{what}: lost the connection to the Ray cluster: {exc}") from exc
                 if ready:
                     break
                 watch()
