@@ -10,6 +10,7 @@ registry, `LIVE`, so the tasks of one flow run reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -211,10 +212,9 @@ class LiveObjects:
         with self._lock:
             # A new Ray job of the run listens at the same pinned address: the job id tells them apart.
             identity = f"{address}#{cluster_id or ''}"
-            if ray.is_initialized():
-                if self._ray_address == identity:
-                    return
-                ray.shutdown()
+            if ray.is_initialized() and self._ray_address == identity:
+                return
+            _disconnect_all()
             self._token = token
             if address.startswith("ray://"):
                 use_token(self._token)
@@ -228,11 +228,8 @@ class LiveObjects:
             self._ray_address = identity
 
     def disconnect(self) -> None:
-        import ray  # noqa: PLC0415 - see connect
-
         with self._lock:
-            if ray.is_initialized():
-                ray.shutdown()
+            _disconnect_all()
             self._ray_address = None
 
     def put(self, handle: SessionHandle, loop: RolloutLoop) -> None:
@@ -258,6 +255,20 @@ class LiveObjects:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._leases[path] = LeaseKeeper(path, lease_timeout_s=lease_timeout_s).start()
         return path
+
+
+def _disconnect_all() -> None:
+    """End this process's Ray connection, also a Ray Client one whose server is gone (Ray then reports
+    `is_initialized() == False` but keeps the dead client registered, and the next `ray.init`
+    refuses to connect)."""
+    import ray  # noqa: PLC0415 - see LiveObjects.connect
+    from ray.util.client import ray as client  # noqa: PLC0415
+
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
+    with contextlib.suppress(Exception):
+        client.disconnect()  # type: ignore[no-untyped-call]
 
 
 LIVE = LiveObjects()

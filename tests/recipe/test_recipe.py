@@ -27,7 +27,9 @@ def test_every_recipe_validates(path: Path) -> None:
 
 
 #: Profiles made for another recipe than the 32 x 8 K2.5 one: (recipe, its number of nodes).
-PROFILE_RECIPES = {"h200-4gpu.yaml": (K25.parent / "kimi-k25-2layer-smoke.yaml", 1)}
+PROFILE_RECIPES = {"h200-4gpu.yaml": (K25.parent / "kimi-k25-2layer-smoke.yaml", 1),
+                   # the two-node test cluster: the local recipe (its Ray ports are laid out for few nodes)
+                   "localhost-slurm.yaml": (K25.parent / "local.yaml", 1)}
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)

@@ -84,7 +84,7 @@ def test_sbatch_job_interpreter(in_repo: None, capsys: pytest.CaptureFixture[str
     code, ray_up, err = cli(["render", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--what", "ray-up", *extra],
                             capsys)
     assert code == 0, err
-    assert f"PAYLOAD='{python} -m kimi_core.runtime.fallback {LOCAL_RECIPE} " in ray_up  # no quoting needed here
+    assert f"--kill-on-bad-exit=1 {shlex.quote(python)} -u -m submitit.core._submit " in ray_up  # every Ray node
 
 
 def test_num_rollout_reaches_the_driver(in_repo: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,9 +93,6 @@ def test_num_rollout_reaches_the_driver(in_repo: None, capsys: pytest.CaptureFix
     assert code == 0, err
     line = next(line for line in script.splitlines() if line.startswith("DRIVER_ARGS=("))
     assert line.endswith(" --cluster localhost-slurm --num-rollout 7)")
-    code, ray_up, _ = cli(["render", LOCAL_RECIPE, "--cluster", "localhost-slurm", "--what", "ray-up",
-                           "--num-rollout", "7"], capsys)
-    assert code == 0 and " --cluster localhost-slurm --num-rollout 7'" in ray_up
 
 
 def test_h200_script_carries_the_recipe_and_profile() -> None:
@@ -183,7 +180,7 @@ def test_sbatch_without_slurm_profile_exits_2(in_repo: None, capsys: pytest.Capt
 
 
 def test_sbatch_without_base_dir_exits_2(in_repo: None, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(["sbatch", "configs/kimi-k25-grpo.yaml", "--cluster", "localhost-slurm", "--dry-run"],
+    code, _, err = cli(["sbatch", "configs/kimi-k25-2layer-smoke.yaml", "--cluster", "localhost-slurm", "--dry-run"],
                        capsys)
     assert code == 2 and "cluster.base_dir is not set" in err
 
@@ -195,12 +192,13 @@ def test_conversion_is_not_a_render_choice(in_repo: None, capsys: pytest.Capture
     assert "invalid choice: 'conversion'" in capsys.readouterr().err
 
 
-def test_render_ray_up_runs_the_driver(in_repo: None, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_render_ray_up_prints_the_flows_ray_job(in_repo: None, capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
     code, script, _ = cli(["render", "configs/kimi-k25-grpo.yaml", "--cluster", "h200", "--what", "ray-up"], capsys)
     assert code == 0
-    assert "PAYLOAD='python3 -m kimi_core.runtime.fallback configs/kimi-k25-grpo.yaml --run-name kimi-k25-grpo " \
-           "--base-dir /shared/kimi-k25 --cluster h200'" in script.splitlines()
-    assert "#SBATCH --nodes=32" in script and "GCS_PORT=6379" in script
+    assert "#SBATCH --nodes=32" in script and "#SBATCH --job-name=kimi-k25-grpo-ray" in script
+    assert "--container-image=miles:kimi-k25 --kill-on-bad-exit=1 python3 -u -m submitit.core._submit " \
+           "/shared/kimi-k25/runs/kimi-k25-grpo/slurm" in script
     (tmp_path / "ray_up.sbatch").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "ray_up.sbatch")]).returncode == 0
 
