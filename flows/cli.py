@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -270,7 +272,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         err_console.print("[yellow]interrupted[/yellow]: the run's Ray job and engine are stopped; the same "
                           "command resumes from the latest checkpoint", highlight=False)
         return EXIT_SIGINT
-    except TerminationSignal:
+    except (TerminationSignal, SystemExit) as exc:
+        # Prefect turns SIGTERM into TerminationSignal, and after its clean-up into SystemExit(15).
+        if isinstance(exc, SystemExit) and exc.code not in (signal.SIGTERM, -signal.SIGTERM):
+            raise
         err_console.print("[yellow]terminated (SIGTERM)[/yellow]: the run's Ray job and engine are stopped; the "
                           "same command resumes from the latest checkpoint", highlight=False)
         return EXIT_SIGTERM
@@ -292,6 +297,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         err_console.print(f"[red]error[/red]: no run {args.name!r} under {paths.base_dir}", highlight=False)
         return INVALID_INPUT
     status = run_status(paths)
+    if status["ray_jobs"]:  # the Ray job of the run on Slurm: its id, what Slurm says of it, its address
+        from slurm.ray_job import SlurmQueue  # noqa: PLC0415 - only runs that have a Ray job ask Slurm
+
+        job = status["ray_jobs"][-1]
+        state = SlurmQueue().state(job) if shutil.which("squeue") else "unknown (no squeue here)"
+        status["ray_job"] = f"{job} {state} {status['ray_address'] or '(no address: not running)'}"
     table = Table(title=f"run {args.name}")
     table.add_column("field", style="cyan")
     table.add_column("value")

@@ -56,6 +56,8 @@ NAMESPACE = "kimi-grpo"
 BRING_UP = "bring_up_cluster"
 #: Seconds after its owner stops touching the lease that a loopback head ends itself.
 LOCAL_LEASE_S = 30.0
+#: Seconds a Ray Client keeps trying to get a dropped connection back before it reports the loss.
+CLIENT_RECONNECT_GRACE_S = 10
 #: Seconds the engine may take to close (miles: dispose its rollout engines) before its actor is killed.
 ENGINE_CLOSE_S = 120.0
 
@@ -218,6 +220,9 @@ class LiveObjects:
             self._token = token
             if address.startswith("ray://"):
                 use_token(self._token)
+                # Ray Client retries a dropped connection this long before it raises (Ray's default 30 s);
+                # Slurm is asked anyway, and a retried task reconnects.
+                os.environ.setdefault("RAY_CLIENT_RECONNECT_GRACE_PERIOD", str(CLIENT_RECONNECT_GRACE_S))
             elif address.startswith("127.0.0.1:"):
                 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; when it is on (the Linux
                 # default) a driver swaps 127.0.0.1 for the machine's address and never reaches a
@@ -403,12 +408,13 @@ def abort(ctx: RunContext, handle: SessionHandle | None, status: str = "FAILED",
     manifest stay: the same command resumes once the cause is fixed."""
     ledger = RunLedger(ctx)
     reopened = ledger.tracking_running()
-    _release(ledger, handle, queue or (handle.queue if handle is not None else None))
+    _release(ledger, handle, queue or (handle.queue if handle is not None else None), why="run stopped")
     if reopened:
         ledger.tracker.close(status)
 
 
-def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | None) -> None:
+def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | None,
+             why: str = "run finished") -> None:
     """Close the engine (miles disposes its SGLang engines), stop its actor and the run's local Ray
     head (by pid); record the head as stopped."""
     import ray  # noqa: PLC0415 - only processes that talk to the cluster import Ray
@@ -428,7 +434,7 @@ def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | 
                           markup=False)
     LIVE.disconnect()
     release_recorded_head(ledger)
-    release_ray_jobs(ledger, queue)
+    release_ray_jobs(ledger, queue, why)
 
 
 def release_ray_jobs(ledger: RunLedger, queue: JobQueue | None, why: str = "run finished") -> None:
