@@ -21,6 +21,7 @@ from typing import Any
 import submitit
 
 from kimi_core.recipe import Recipe
+from slurm.errors import submit_classified
 from slurm.executors import slurm_parameters
 from slurm.from_recipe import job_python, training_job_request
 from slurm.requests import SlurmJobRequest
@@ -84,9 +85,10 @@ class RaySlurmJobs:
         return executor
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> str:
-        """Submit `fn(*args)` on every node; return the job id."""
+        """Submit `fn(*args)` on every node; return the job id. A failed sbatch raises `SbatchRejected`
+        (not retried) or `SchedulerBusy` (a transient `ConnectionError`)."""
         Path(self.folder).mkdir(parents=True, exist_ok=True)
-        job = self.executor().submit(fn, *args)
+        job = submit_classified(self.executor(), fn, *args)  # a refused sbatch: permanent or transient
         return str(job.job_id)
 
     def script(self) -> str:

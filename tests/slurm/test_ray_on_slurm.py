@@ -24,10 +24,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from kimi_core.recipe import load_recipe
 from kimi_core.run_state import RunPaths, latest_checkpoint
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.runtime.ray_slurm import RayFiles
-from slurm.ray_job import SlurmQueue
+from slurm.errors import SbatchRejected
+from slurm.ray_job import RaySlurmJobs, SlurmQueue
 from tests.faults import marker_path, release_path
 from tests.pipeline.conftest import CLI, REPO, cli_env
 
@@ -301,3 +303,14 @@ def test_sigkilled_flow_job_ends_by_lease_and_the_token_guards_the_cluster(prefe
              and token.encode() in p.read_bytes()]
     assert not leaks, f"the token appears in {leaks}"
     assert token not in log.read_text()
+
+
+def test_a_ray_job_sbatch_refuses_is_a_permanent_error(tmp_path: Path) -> None:
+    """Past the preflight (e.g. the partition went away meanwhile), sbatch's refusal is not retried."""
+    recipe = load_recipe(REPO / "configs/local.yaml", cluster="localhost-slurm", base_dir=str(tmp_path),
+                         overrides=["cluster.num_nodes=2", "cluster.partition=nosuch"])
+    run_dir = RunPaths.of(tmp_path, "refused").run_dir
+    jobs = RaySlurmJobs.for_run(recipe, run_name="refused", run_dir=run_dir,
+                                deadline_mark_prefix=RayFiles.of(run_dir).deadline_prefix)
+    with pytest.raises(SbatchRejected, match="(?i)partition"):
+        jobs.submit(print, "never runs")
