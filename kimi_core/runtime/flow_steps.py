@@ -56,6 +56,8 @@ NAMESPACE = "kimi-grpo"
 BRING_UP = "bring_up_cluster"
 #: Seconds after its owner stops touching the lease that a loopback head ends itself.
 LOCAL_LEASE_S = 30.0
+#: Starts of a loopback head (each with newly picked ports) before bring-up gives up.
+LOCAL_START_ATTEMPTS = 3
 #: Seconds a Ray Client keeps trying to get a dropped connection back before it reports the loss.
 CLIENT_RECONNECT_GRACE_S = 10
 #: Seconds the engine may take to close (miles: dispose its rollout engines) before its actor is killed.
@@ -127,9 +129,20 @@ def _bring_up_local(ledger: RunLedger) -> ClusterInfo:
 
     # The head ends itself once this process stops touching its lease (a SIGKILLed CLI or flow).
     lease = LIVE.keep_lease(ledger.paths.run_dir / "ray" / "lease", lease_timeout_s=LOCAL_LEASE_S)
-    head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=2,
-                                object_store_memory=256 * 1024**2, min_worker_port=low, max_worker_port=high,
-                                lease_path=lease, lease_timeout_s=LOCAL_LEASE_S, on_spawn=record)
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=2,
+                                        object_store_memory=256 * 1024**2, min_worker_port=low,
+                                        max_worker_port=high, lease_path=lease, lease_timeout_s=LOCAL_LEASE_S,
+                                        on_spawn=record)
+            break
+        except (ValueError, RuntimeError) as exc:
+            # The head's ports are free when picked, but another process may take one before Ray binds
+            # it (a busy host); the failed head is already stopped: pick new ports and try again.
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise
+            console.print(f"ray head did not start ({exc}); retrying with other ports", markup=False)
+            low, high = worker_port_range()
     ledger.manifest.record_stage(BRING_UP, cache_key=head.address,
                                  result={"address": head.address, "head": dataclasses.asdict(head)})
     ledger.manifest.update(ray_address=head.address)
