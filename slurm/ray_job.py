@@ -22,7 +22,7 @@ import submitit
 
 from kimi_core.recipe import Recipe
 from slurm.errors import submit_classified
-from slurm.executors import slurm_parameters
+from slurm.executors import slurm_job_state, slurm_parameters
 from slurm.from_recipe import job_python, training_job_request
 from slurm.requests import SlurmJobRequest
 
@@ -112,10 +112,7 @@ class SlurmQueue:
                                 check=False, timeout=60)
         if queued.returncode == 0 and queued.stdout.strip():
             return queued.stdout.split()[0].upper()
-        final = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True,
-                               text=True, check=False, timeout=60)
-        lines = [line.strip() for line in final.stdout.splitlines() if line.strip()]
-        return lines[-1].split()[0].upper() if final.returncode == 0 and lines else "UNKNOWN"
+        return slurm_job_state(job_id)
 
     def reason(self, job_id: str) -> str:
         """Why a pending job waits (`squeue %r`), e.g. "Resources", "Priority"; "" when not pending."""

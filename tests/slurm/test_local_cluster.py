@@ -25,7 +25,7 @@ from slurm.requests import SlurmJobRequest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 T = TypeVar("T")
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float, what: str) -> T:
     """Poll `predicate()` until truthy; fail naming `what` after `timeout_s`."""

@@ -16,9 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 import pytest
@@ -32,9 +30,9 @@ from slurm.errors import SbatchRejected
 from slurm.ray_job import RaySlurmJobs, SlurmQueue
 from tests.faults import marker_path, release_path
 from tests.pipeline.conftest import CLI, REPO, cli_env
+from tests.slurm.test_local_cluster import TERMINAL, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster"), pytest.mark.timeout(600)]
-T = TypeVar("T")
 
 def recipe(save_interval: int = 2) -> list[str]:
     """4 rollouts on both test nodes; saves after every `save_interval`-th rollout and the last one
@@ -54,17 +52,6 @@ def recipe(save_interval: int = 2) -> list[str]:
 RECIPE = recipe()
 FINAL = "checkpoints/iter_0000003/model/model.safetensors"
 QUEUE = SlurmQueue()
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
-
-
-def wait_until(predicate: Callable[[], T], *, timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def ray_job_processes(job_id: str) -> set[int]:
