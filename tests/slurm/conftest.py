@@ -73,6 +73,11 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
     problem = _cluster_problem(env)
     if problem:
         _unavailable(f"local Slurm cluster is not up: {problem}; run tests/slurm/start-local-slurm.sh")
+    queued = subprocess.run(["squeue", "-h", "-o", "%i %j %T %R"], capture_output=True, text=True,
+                            env=os.environ | env, timeout=30, check=False).stdout.strip()
+    if queued:  # the tests time Slurm jobs on both nodes: someone else's job would make them hang
+        pytest.fail(f"the local Slurm cluster is not idle, jobs already queued:\n{queued}\n"
+                    "cancel them (scancel) or restart it (tests/slurm/stop-local-slurm.sh, then start)")
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     yield env

@@ -176,7 +176,13 @@ start_slurm() {
     sacctmgr -n list cluster >/dev/null 2>&1 || die "slurmdbd did not answer, see $STATE/log/slurmdbd.log"
     sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" \
         || sacctmgr -i add cluster "$CLUSTER" >/dev/null
-    alive "$STATE/run/slurmctld.pid" || /usr/sbin/slurmctld
+    # A controller that is not running died with its cluster (a killed machine or session): the
+    # jobs in its saved state have no processes left, yet it would recover them as RUNNING and
+    # hold the nodes until slurmd's missing-job check ends them (half an hour). -c starts clean.
+    if ! alive "$STATE/run/slurmctld.pid"; then
+        log "starting slurmctld with a clean job state (-c)"
+        /usr/sbin/slurmctld -c
+    fi
     local n
     for n in "${NODES[@]}"; do
         alive "$STATE/run/slurmd-$n.pid" || /usr/sbin/slurmd -N "$n"

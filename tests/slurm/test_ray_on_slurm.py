@@ -105,6 +105,21 @@ def metric_steps(paths: RunPaths, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(manifest.mlflow_run_id, key))
 
 
+def stop_deployed_run(worker: subprocess.Popen[str], flow_run_id: str, paths: RunPaths) -> str:
+    """Stop a deployment run that overran: the worker, the flow process (its own process group,
+    found by its flow-run id) and the run's Slurm jobs, so the next tests find an idle cluster."""
+    os.killpg(worker.pid, signal.SIGKILL)
+    output, _ = worker.communicate()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                proc.kill()
+    jobs = Manifest.load(paths).all_slurm_job_ids if paths.manifest.is_file() else []
+    if jobs:
+        subprocess.run(["scancel", *jobs], check=False)
+    return output
+
+
 @pytest.fixture(scope="module")
 def reference(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """`prefect deployment run kimi-k25-grpo/local-slurm` through a process worker; its final
@@ -124,11 +139,19 @@ def reference(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> bytes
     out = prefect_cli("deployment", "run", "kimi-k25-grpo/local-slurm", "-p", f"base_dir={base}",
                       "-p", "num_rollout=4", "-p", f"overrides={json.dumps(sets)}", "-p", "run_name=deployed")
     flow_run_id = out.split("/runs/flow-run/")[1].split()[0].strip()
-    worker = prefect_cli("worker", "start", "--pool", "kimi-local", "--run-once", timeout=500)
+    paths = RunPaths.of(base, "deployed")
+    worker_proc = subprocess.Popen([*prefect, "worker", "start", "--pool", "kimi-local", "--run-once"], cwd=REPO,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+    try:
+        worker, _ = worker_proc.communicate(timeout=500)
+    except subprocess.TimeoutExpired:
+        worker = stop_deployed_run(worker_proc, flow_run_id, paths)
+        pytest.fail(f"the deployment run did not end within 500 s; worker output:\n{worker[-4000:]}")
     ended = time.monotonic()
+    assert worker_proc.returncode == 0, worker[-4000:]
     assert "COMPLETED" in prefect_cli("flow-run", "inspect", flow_run_id).upper().replace("'", "")
 
-    paths = RunPaths.of(base, "deployed")
     manifest = Manifest.load(paths)
     assert manifest.finished and latest_checkpoint(paths) == 3
     [job] = manifest.ray_jobs
