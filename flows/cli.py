@@ -7,6 +7,8 @@ time (the message names the stage).
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +20,7 @@ from urllib.parse import parse_qs, urlparse
 from rich.console import Console
 from rich.table import Table
 
+from flows.temporary_server import TemporaryPrefectServer
 from kimi_core.exit_codes import EXIT_SIGINT, EXIT_SIGTERM, INVALID_INPUT, RUN_FAILED
 from kimi_core.recipe import (
     BASE_DIR_ENV,
@@ -231,12 +234,26 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    recipe = _load(args)  # invalid input exits 2 here, before Prefect starts
+    # Without a Prefect server to talk to, start the temporary one now: it boots while the checks
+    # and imports of `_run` go on (flows/temporary_server.py).
+    server = TemporaryPrefectServer.start_if_needed()
+    if server is not None:
+        # At exit, after Prefect's own exit hooks (registered later, run earlier) have sent the
+        # run's last logs and events to it.
+        atexit.register(server.stop)
+    return _run(args, recipe, server)
+
+
+def _run(args: argparse.Namespace, recipe: Recipe, server: TemporaryPrefectServer | None) -> int:
     from flows.checks import check_scheduler  # noqa: PLC0415 - the runtime only for `run`
     from kimi_core.runtime.context import RunContext  # noqa: PLC0415
     from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
     from kimi_core.runtime.status import preflight  # noqa: PLC0415
 
-    recipe = _load(args)  # invalid input exits 2 here, before Prefect starts
     ctx = RunContext(recipe_path=args.recipe, run_name=args.run_name, cluster=args.cluster,
                      overrides=tuple(args.overrides), base_dir=args.base_dir, num_rollout=args.num_rollout)
     # A Slurm cluster that cannot take the jobs, or a recipe this install cannot run: exit 2, nothing
@@ -247,19 +264,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     from prefect.exceptions import TerminationSignal  # noqa: PLC0415 - Prefect only for `run`
+    from prefect.settings import PREFECT_API_URL  # noqa: PLC0415
 
     from flows.pipeline import kimi_k25_grpo  # noqa: PLC0415 - Prefect only for `run`
 
-    console.print(f"run [bold]{args.run_name or recipe.name}[/bold] of {args.recipe} "
-                  f"(Prefect: {os.environ.get('PREFECT_API_URL') or 'ephemeral'})")
+    prefect_api = PREFECT_API_URL.value() if server is None else f"temporary server at {server.url}"
+    console.print(f"run [bold]{args.run_name or recipe.name}[/bold] of {args.recipe} (Prefect: {prefect_api})")
     try:
-        summary = kimi_k25_grpo(recipe=args.recipe, run_name=args.run_name, cluster=args.cluster,
-                                overrides=args.overrides, base_dir=args.base_dir, num_rollout=args.num_rollout)
+        with contextlib.nullcontext() if server is None else server.api():
+            summary = kimi_k25_grpo(recipe=args.recipe, run_name=args.run_name, cluster=args.cluster,
+                                    overrides=args.overrides, base_dir=args.base_dir,
+                                    num_rollout=args.num_rollout)
     except RecipeError:
         raise
     except NotRunnableHere as exc:

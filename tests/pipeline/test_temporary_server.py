@@ -1,0 +1,65 @@
+"""`kimi-grpo run` without a Prefect server: the CLI's own temporary server (flows/temporary_server.py).
+
+What a user relies on: README command (1) works with no Prefect set-up at all, the temporary server
+is gone when the run ends, and a configured PREFECT_API_URL is used as it is (no server started).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.conftest import CLI, REPO
+
+TINY = [
+    "--num-rollout", "2",
+    "--set", "model.warmup.steps=20",
+    "--set", "rollout.rollout_batch_size=4",
+    "--set", "rollout.n_samples_per_prompt=4",
+    "--set", "rollout.global_batch_size=16",
+    "--set", "eval.before_train=false",
+]
+
+
+def no_prefect_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No API URL anywhere: a fresh Prefect home (no profile sets one) and none in the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_without_a_prefect_server_uses_a_temporary_one_and_stops_it(tmp_path: Path) -> None:
+    proc = subprocess.run([*CLI, "run", "configs/local.yaml", "--run-name", "temp", "--base-dir", str(tmp_path / "b"),
+                           *TINY], cwd=REPO, env=no_prefect_env(tmp_path), capture_output=True, text=True,
+                          timeout=280, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = re.search(r"Prefect: temporary server at\s+(http://127\.0\.0\.1:\d+/api)", proc.stdout)
+    assert found, proc.stdout[-2000:]
+    assert "finished at rollout 1" in proc.stdout
+    assert not answers(found.group(1))  # stopped with the run
+
+
+def test_a_configured_api_url_starts_no_server(tmp_path: Path) -> None:
+    probe = "from flows.temporary_server import TemporaryPrefectServer as T; print(T.start_if_needed())"
+    env = no_prefect_env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "None", out.stdout + out.stderr
