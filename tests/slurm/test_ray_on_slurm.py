@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -75,10 +76,19 @@ def assert_nothing_left(paths: RunPaths, *, within_s: float = 60) -> None:
                what=f"the processes of Ray jobs {jobs} to end")
 
 
-def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
-    handle = log.open("w")
-    return subprocess.Popen([*CLI, *args], cwd=REPO, env=env, text=True, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+@contextlib.contextmanager
+def cli_running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[str]]:
+    """`kimi-grpo` in a process group of its own, output to `log`; the group is killed if the CLI
+    still runs when the block ends (a failed assertion leaves no run behind)."""
+    with log.open("w") as handle:
+        proc = subprocess.Popen([*CLI, *args], cwd=REPO, env=env, text=True, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def wait_for_checkpoint(paths: RunPaths, at_least: int, proc: subprocess.Popen[str], log: Path) -> int:
@@ -175,8 +185,8 @@ def reference(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> bytes
 def test_scancel_mid_run_brings_up_a_new_job_and_resumes(prefect_server, reference: bytes, tmp_path: Path) -> None:
     paths = RunPaths.of(tmp_path, "lost")
     log = tmp_path / "cli.log"
-    proc = start_cli(["run", *RECIPE, "--run-name", "lost", "--base-dir", str(tmp_path)], cli_env(prefect_server), log)
-    try:
+    args = ["run", *RECIPE, "--run-name", "lost", "--base-dir", str(tmp_path)]
+    with cli_running(args, cli_env(prefect_server), log) as proc:
         wait_for_checkpoint(paths, 1, proc, log)
         lost = Manifest.load(paths).ray_jobs[-1]
         cancelled_at = time.monotonic()
@@ -192,9 +202,6 @@ def test_scancel_mid_run_brings_up_a_new_job_and_resumes(prefect_server, referen
         wait_until(resumed, timeout_s=400, what="the first rollout of the new Ray job")
         print(f"scancel -> first rollout of the new Ray job: {time.monotonic() - cancelled_at:.1f} s")
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text()
     manifest = Manifest.load(paths)
     assert len(manifest.ray_jobs) == 2 and manifest.ray_jobs[0] == lost, manifest.ray_jobs
@@ -218,10 +225,9 @@ def test_deadline_saves_at_the_next_boundary_and_moves_to_a_new_job(prefect_serv
     log = tmp_path / "cli.log"
     env = cli_env(prefect_server, KIMI_GRPO_FAULT_HOOK="tests.faults:at_train", KIMI_TEST_FAULT_AT_TRAIN="1",
                   KIMI_TEST_FAULT_MODE="hold")
-    proc = start_cli(["run", *recipe(save_interval=10), "--run-name", "deadline", "--base-dir", str(tmp_path)],
-                     env, log)
     held = marker_path(paths.run_dir, "train.mid", 1)
-    try:
+    args = ["run", *recipe(save_interval=10), "--run-name", "deadline", "--base-dir", str(tmp_path)]
+    with cli_running(args, env, log) as proc:
         wait_until(lambda: held.exists() or proc.poll() is not None, timeout_s=400, what="rollout 1 to be held")
         first = Manifest.load(paths).ray_jobs[-1]
         subprocess.run(["scancel", "--signal=USR1", "--batch", first], check=True)
@@ -229,9 +235,6 @@ def test_deadline_saves_at_the_next_boundary_and_moves_to_a_new_job(prefect_serv
                    what="the batch shell's deadline mark")
         release_path(held).touch()
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text()
     manifest = Manifest.load(paths)
     assert len(manifest.ray_jobs) == 2 and manifest.ray_jobs[0] == first, out[-3000:]
@@ -248,30 +251,22 @@ def test_ctrl_c_during_bring_up_and_sigterm_during_rollouts_leave_nothing(prefec
     paths = RunPaths.of(tmp_path, "stopped")
     args = ["run", *RECIPE, "--run-name", "stopped", "--base-dir", str(tmp_path)]
     log = tmp_path / "sigint.log"
-    proc = start_cli(args, cli_env(prefect_server), log)
-    try:
+    with cli_running(args, cli_env(prefect_server), log) as proc:
         wait_until(lambda: "submitted" in log.read_text() or proc.poll() is not None, timeout_s=400,
                    what="the Ray job's submission")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
         stopped = time.monotonic()
         assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
         assert time.monotonic() - stopped < 60
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert_nothing_left(paths)
 
     log = tmp_path / "sigterm.log"
-    proc = start_cli(args, cli_env(prefect_server), log)
-    try:
+    with cli_running(args, cli_env(prefect_server), log) as proc:
         wait_for_checkpoint(paths, 1, proc, log)
         proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
         assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
         assert time.monotonic() - stopped < 60
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     manifest = Manifest.load(paths)
     assert MlflowClient(manifest.mlflow_tracking_uri).get_run(manifest.mlflow_run_id).info.status == "KILLED"
     assert_nothing_left(paths)
@@ -281,9 +276,8 @@ def test_sigkilled_flow_job_ends_by_lease_and_the_token_guards_the_cluster(prefe
     lease_s = 45
     paths = RunPaths.of(tmp_path, "orphan")
     log = tmp_path / "cli.log"
-    proc = start_cli(["run", *RECIPE, "--run-name", "orphan", "--base-dir", str(tmp_path),
-                      "--set", f"cluster.ray.lease_s={lease_s}"], cli_env(prefect_server), log)
-    try:
+    args = ["run", *RECIPE, "--run-name", "orphan", "--base-dir", str(tmp_path), "--set", f"cluster.ray.lease_s={lease_s}"]
+    with cli_running(args, cli_env(prefect_server), log) as proc:
         job = current_ray_job(paths, proc, log)
         files = RayFiles.of(paths.run_dir)
         ready = json.loads(wait_until(lambda: files.ready(job).is_file() and files.ready(job).read_text(),
@@ -291,9 +285,6 @@ def test_sigkilled_flow_job_ends_by_lease_and_the_token_guards_the_cluster(prefe
         os.killpg(proc.pid, signal.SIGKILL)
         killed = time.monotonic()
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert stat.S_IMODE(files.directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(files.token.stat().st_mode) == 0o600
     # A Ray Client without the token is refused (Ray closes the connection; the client gives up).
