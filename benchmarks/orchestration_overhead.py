@@ -37,7 +37,8 @@ the timestamp of the last. `engine_s` is the engine's own sampling + training ti
 rollout's start (Python imports, Prefect, the data / model / conversion stages, the Ray head, the
 engine actor with its model load, the MLflow run); its breakdown comes from the arrival times of
 the CLI's console lines and the durations they report. Set up beforehand and not timed: the base
-model (built once under the shared base dir, so the flow's `acquire_model` stage finds it) and,
+model and its converted reference (made once per base dir, like every later run in a base dir
+finds them: the flow's `acquire_model` and `convert_checkpoint` stages only check their content) and,
 unless `--fresh-databases`, the Prefect and MLflow databases, which only a first run on a machine
 or base dir creates (their times are printed).
 
@@ -291,6 +292,11 @@ def main() -> None:
     model = stages.acquire_model(recipe, RunPaths.of(base_dir, "bare-before").ensure())
     print(f"base model: {'built' if model['built'] else 'cached'} in {time.perf_counter() - started:.1f} s (not timed)",
           flush=True)
+    started = time.perf_counter()
+    converted = stages.convert_checkpoint(recipe, RunPaths.of(base_dir, "bare-before"),
+                                          hf_checkpoint=model["hf_checkpoint"])
+    print(f"reference conversion: {'cached' if converted['cached'] else 'done'} in "
+          f"{time.perf_counter() - started:.1f} s (not timed; a first run in a base dir pays it)", flush=True)
     env = flow_env(workdir, args.threads)
     if not args.fresh_databases:
         took = create_databases(env, base_dir)

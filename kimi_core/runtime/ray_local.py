@@ -150,6 +150,9 @@ def _ray_command(
         f"--port={ports['gcs']}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        # No autoscaler monitor: a one-node loopback head never scales (`ray start`'s hidden flag,
+        # Ray 2.60), and on 2 cores its start-up is time the head is not ready.
+        "--no-monitor",
         "--include-dashboard=false",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={ports['dashboard']}",
