@@ -63,15 +63,22 @@ class TemporaryPrefectServer:
 
     @classmethod
     def start_if_needed(cls) -> TemporaryPrefectServer | None:
-        """Start one when Prefect would (no API URL, ephemeral mode allowed); else None."""
+        """Start one when Prefect would (no API URL, ephemeral mode allowed); else None.
+
+        Started before Prefect's settings are read (importing them takes about a second), unless the
+        environment names a server: a Prefect profile that names one, or forbids a temporary
+        server, stops it again at once. The server process reads the same environment and profile."""
+        if os.environ.get("PREFECT_API_URL"):
+            return None
+        server = cls(env={**os.environ, **SERVER_ENV}, startup_timeout_s=MIN_STARTUP_TIMEOUT_S)
         from prefect.settings import get_current_settings  # noqa: PLC0415 - Prefect only for `run`
 
         settings = get_current_settings()
         if settings.api.url or not settings.server.ephemeral.enabled:
+            server.stop()
             return None
-        env = {**os.environ, **settings.to_environment_variables(exclude_unset=True), **SERVER_ENV}
-        timeout = max(float(settings.server.ephemeral.startup_timeout_seconds), MIN_STARTUP_TIMEOUT_S)
-        return cls(env=env, startup_timeout_s=timeout)
+        server.startup_timeout_s = max(float(settings.server.ephemeral.startup_timeout_seconds), MIN_STARTUP_TIMEOUT_S)
+        return server
 
     @property
     def url(self) -> str:

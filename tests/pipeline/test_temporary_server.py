@@ -57,9 +57,22 @@ def test_run_without_a_prefect_server_uses_a_temporary_one_and_stops_it(tmp_path
     assert not answers(found.group(1))  # stopped with the run
 
 
-def test_a_configured_api_url_starts_no_server(tmp_path: Path) -> None:
-    probe = "from flows.temporary_server import TemporaryPrefectServer as T; print(T.start_if_needed())"
-    env = no_prefect_env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+PROBE = ("import psutil\n"
+         "from flows.temporary_server import TemporaryPrefectServer as T\n"
+         "print(T.start_if_needed(), len(psutil.Process().children()))\n")
+
+
+@pytest.mark.parametrize("where", ["environment", "profile"])
+def test_a_configured_api_url_starts_no_server(tmp_path: Path, where: str) -> None:
+    """An API URL in the environment, or in the active Prefect profile: no server is left running."""
+    url = "http://127.0.0.1:9/api"
+    if where == "environment":
+        env = no_prefect_env(tmp_path, PREFECT_API_URL=url)
+    else:
+        env = no_prefect_env(tmp_path)
+        home = Path(env["PREFECT_HOME"])
+        home.mkdir()
+        (home / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{url}"\n')
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120, check=True)
-    assert out.stdout.strip() == "None", out.stdout + out.stderr
+    assert out.stdout.split() == ["None", "0"], out.stdout + out.stderr
