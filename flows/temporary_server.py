@@ -4,9 +4,9 @@ Without an API URL (environment or Prefect profile), Prefect starts a temporary 
 the flow's first API call (`prefect.server.api.server.SubprocessASGIServer`): it imports the whole
 server package into the CLI process (about 2.5 s on a 2-core machine), then waits for the server
 subprocess to boot (about 4 s), all on the start-up's critical path. `kimi-grpo run` starts the
-same server process first thing instead, so that its boot overlaps the CLI's own imports and
-checks, and hands its URL to the flow as `PREFECT_API_URL` (`api()`); the CLI process never imports
-the server package. The server is stopped when the run ends, whatever the outcome.
+same server process as soon as the recipe is valid instead, so that its boot overlaps the CLI's own
+imports and checks, and hands its URL to the flow (`api()`); the CLI process never imports the
+server package. The server is stopped when the CLI exits, whatever the outcome.
 
 The server command and its environment are Prefect's own for its temporary server (Prefect 3.8,
 `SubprocessASGIServer._run_uvicorn_command`): uvicorn on `create_app` with the UI off and the
