@@ -152,6 +152,48 @@ def _ray_start(spec: RayNodeSpec, *, index: int, node: str, ip: str, temp_dir: s
     return [*command, f"--address={head_ip}:{spec.ray.gcs_port}"]
 
 
+#: How long a node waits for its pinned ports to come free before starting Ray (at most half the
+#: readiness timeout).
+PORT_WAIT_S = 120.0
+
+
+def pinned_ports(ray: RaySection, index: int) -> list[int]:
+    """The fixed ports Ray binds on node `index` (the head's own ports too on node 0); not the worker range."""
+    ports = {k: v for k, v in ray.node_ports(index).items() if k not in ("min_worker", "max_worker")}
+    return sorted({*ports.values(), *(ray.head_ports().values() if index == 0 else ())})
+
+
+def busy_ports(ports: Iterable[int]) -> list[int]:
+    """The ports among `ports` that a socket cannot bind on all interfaces right now (Ray's daemons
+    bind 0.0.0.0 or the node's IP; either conflicts with a wildcard bind)."""
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT does not count
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def wait_for_free_ports(ports: list[int], *, node: str, timeout_s: float) -> None:
+    """Wait until this node's pinned ports are free. A cancelled Ray job leaves Slurm's queue when its
+    tasks end, while daemons it started may still be exiting: a raylet of the run's previous job on
+    the same ports made the next job's head fail ("Address already in use") in the test cluster."""
+    deadline = time.monotonic() + timeout_s
+    busy = busy_ports(ports)
+    if busy:
+        print(f"ray node on {node}: ports {busy} are still in use (a previous Ray job ending?); waiting up to "
+              f"{timeout_s:.0f} s", flush=True)
+    while busy:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ports {busy} on {node} are still in use after {timeout_s:.0f} s: another process "
+                               "holds them; stop it, or move the ports of cluster.ray")
+        time.sleep(0.5)
+        busy = busy_ports(ports)
+
+
 def node_environment(spec: RayNodeSpec) -> dict[str, str]:
     files = RayFiles.of(Path(spec.run_dir))
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
@@ -178,6 +220,7 @@ def ray_node_main(spec: RayNodeSpec) -> None:
         spec, index=index, node=node, ip=ip, temp_dir=temp_dir, head_ip=head_ip))
     print(f"ray node {index} on {node} ({ip}): {'head' if index == 0 else 'worker of ' + head_ip}", flush=True)
     started = time.time()
+    wait_for_free_ports(pinned_ports(spec.ray, index), node=node, timeout_s=min(PORT_WAIT_S, spec.ray.readiness_timeout_s / 2))
     proc = subprocess.Popen(command, env=node_environment(spec))
     ready = files.ready(str(env.job_id))
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import platform
+import socket
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,16 @@ from kimi_core.runtime import flow_steps
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import PermanentFailure, SessionLost
 from kimi_core.runtime.ledger import RunLedger
-from kimi_core.runtime.ray_slurm import JobWatch, RayFiles, check_versions, token_env, wait_ready
+from kimi_core.runtime.ray_slurm import (
+    JobWatch,
+    RayFiles,
+    busy_ports,
+    check_versions,
+    pinned_ports,
+    token_env,
+    wait_for_free_ports,
+    wait_ready,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -196,3 +207,22 @@ def test_bring_up_replaces_a_job_that_ended_is_at_its_deadline_or_never_got_read
     assert second.address.endswith("#101")  # the new job's address, connected anew (`LIVE.connect` keys by job)
     assert queue.cancelled == ([] if why == "ended" else ["100"])  # a live old job is cancelled first
     assert RunLedger(ctx).manifest.ray_jobs == ["100", "101"]
+
+
+def test_a_node_waits_for_its_pinned_ports_to_come_free() -> None:
+    """A daemon of the run's previous Ray job still listening on a pinned port: the node waits for it
+    (the next job's raylet otherwise dies with "Address already in use"), and names it if it stays."""
+    ray_section = RaySection()
+    head = pinned_ports(ray_section, 0)
+    assert {ray_section.gcs_port, ray_section.client_port, ray_section.dashboard_port} <= set(head)
+    assert ray_section.gcs_port not in pinned_ports(ray_section, 1)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert busy_ports([port]) == [port]
+    with pytest.raises(RuntimeError, match=rf"ports \[{port}\] on n1 are still in use after 1 s"):
+        wait_for_free_ports([port], node="n1", timeout_s=1)
+    threading.Timer(1.0, listener.close).start()
+    wait_for_free_ports([port], node="n1", timeout_s=30)
+    assert busy_ports([port]) == []
