@@ -19,13 +19,14 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+
+from kimi_core.runtime.ray_local import free_port
 
 #: How Prefect runs its temporary server (see the module docstring).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -45,19 +46,13 @@ def _end_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TemporaryPrefectServer:
     """One `uvicorn` process serving Prefect's API on a loopback port (see the module docstring)."""
 
     def __init__(self, *, env: dict[str, str], startup_timeout_s: float) -> None:
         self._env = env
         self.startup_timeout_s = startup_timeout_s
-        self.port = _free_port()
+        self.port = free_port()
         self._proc = self._spawn()
         self._ready = False
 
@@ -85,10 +80,6 @@ class TemporaryPrefectServer:
         """The API URL (what `PREFECT_API_URL` holds)."""
         return f"http://127.0.0.1:{self.port}/api"
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     def _spawn(self) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
@@ -112,7 +103,7 @@ class TemporaryPrefectServer:
                     raise ServerDidNotStart(f"the temporary Prefect server exited with code {code} "
                                             f"({attempt} attempts); its messages are above")
                 attempt += 1
-                self.port = _free_port()
+                self.port = free_port()
                 self._proc = self._spawn()
             elif self._healthy():
                 self._ready = True

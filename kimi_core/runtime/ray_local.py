@@ -58,8 +58,12 @@ def worker_port_range(size: int = 200) -> tuple[int, int]:
     return start, start + size - 1
 
 
-def _can_bind(port: int, host: str = "127.0.0.1") -> bool:
+def can_bind(port: int, host: str = "127.0.0.1", *, reuse_address: bool = False) -> bool:
+    """Whether a TCP socket can bind `host:port` right now; with `reuse_address` (SO_REUSEADDR, as
+    gRPC sets it) a port whose only sockets are in TIME_WAIT counts as free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -287,7 +291,7 @@ def start_local_ray_head(
     clashes = [k for k, v in ports.items() if "worker" not in k and min_worker_port <= v <= max_worker_port]
     if clashes:
         raise ValueError(f"ports {clashes} fall inside the worker port range; move the range")
-    if is_alive(f"127.0.0.1:{port}", timeout_s=1.0) or not _can_bind(port):
+    if is_alive(f"127.0.0.1:{port}", timeout_s=1.0) or not can_bind(port):
         raise ValueError(f"port {port} on 127.0.0.1 is already in use; pick another (free_port())")
     os.makedirs(temp_dir, exist_ok=True)
     log_path = os.path.join(temp_dir, "ray-start.log")

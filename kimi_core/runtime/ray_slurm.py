@@ -36,6 +36,7 @@ from kimi_core.recipe.sections import RaySection
 from kimi_core.runtime.failures import PermanentFailure, SessionLost
 from kimi_core.runtime.progress import console
 from kimi_core.runtime.ray_lease import watchdog_command
+from kimi_core.runtime.ray_local import can_bind
 
 #: Seconds between looks at the job while waiting for it.
 POLL_S = 2.0
@@ -166,15 +167,7 @@ def pinned_ports(ray: RaySection, index: int) -> list[int]:
 def busy_ports(ports: Iterable[int]) -> list[int]:
     """The ports among `ports` that a socket cannot bind on all interfaces right now (Ray's daemons
     bind 0.0.0.0 or the node's IP; either conflicts with a wildcard bind)."""
-    busy = []
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT does not count
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                busy.append(port)
-    return busy
+    return [port for port in ports if not can_bind(port, "0.0.0.0", reuse_address=True)]
 
 
 def wait_for_free_ports(ports: list[int], *, node: str, timeout_s: float) -> None:
