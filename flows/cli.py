@@ -250,6 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, recipe: Recipe, server: TemporaryPrefectServer | None) -> int:
     from flows.checks import check_scheduler  # noqa: PLC0415 - the runtime only for `run`
+    from kimi_core.runtime import local_head  # noqa: PLC0415
     from kimi_core.runtime.context import RunContext  # noqa: PLC0415
     from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
     from kimi_core.runtime.status import preflight  # noqa: PLC0415
@@ -264,6 +265,18 @@ def _run(args: argparse.Namespace, recipe: Recipe, server: TemporaryPrefectServe
     except NotRunnableHere as exc:
         err_console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
         return INVALID_INPUT
+    # The flow runs in this process: its loopback Ray head starts now, beside Prefect's start and the
+    # imports, and the flow's bring-up adopts it (kimi_core/runtime/local_head.py).
+    local_head.start_early(ctx)
+    try:
+        return _run_flow(args, recipe, server)
+    finally:
+        local_head.stop_unadopted()
+
+
+def _run_flow(args: argparse.Namespace, recipe: Recipe, server: TemporaryPrefectServer | None) -> int:
+    from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415 - the runtime only for `run`
+
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     from prefect.exceptions import TerminationSignal  # noqa: PLC0415 - Prefect only for `run`
     from prefect.settings import PREFECT_API_URL  # noqa: PLC0415

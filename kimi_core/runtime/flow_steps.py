@@ -24,18 +24,10 @@ from typing import Any, TypeVar
 from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.ledger import RunLedger
+from kimi_core.runtime.local_head import BRING_UP, adopt_early, release_recorded_head, start_head
 from kimi_core.runtime.loop import RolloutLoop, Step
 from kimi_core.runtime.progress import console
-from kimi_core.runtime.ray_local import (
-    LeaseKeeper,
-    RayHead,
-    free_port,
-    ray_env,
-    short_temp_dir,
-    start_local_ray_head,
-    stop_local_ray_head,
-    worker_port_range,
-)
+from kimi_core.runtime.ray_local import RayHead, keep_lease, ray_env
 from kimi_core.runtime.ray_slurm import (
     JobQueue,
     JobWatch,
@@ -53,11 +45,6 @@ from kimi_core.runtime.session import ActorOptions, ActorSession, attach_actor, 
 from kimi_core.runtime.status import RunSummary
 
 NAMESPACE = "kimi-grpo"
-BRING_UP = "bring_up_cluster"
-#: Seconds after its owner stops touching the lease that a loopback head ends itself.
-LOCAL_LEASE_S = 30.0
-#: Starts of a loopback head (each with newly picked ports) before bring-up gives up.
-LOCAL_START_ATTEMPTS = 3
 #: Seconds a Ray Client keeps trying to get a dropped connection back before it reports the loss.
 CLIENT_RECONNECT_GRACE_S = 10
 #: Seconds the engine may take to close (miles: dispose its rollout engines) before its actor is killed.
@@ -117,36 +104,8 @@ def bring_up_cluster(ctx: RunContext, *, submitter: RayJobSubmitter | None = Non
 
 
 def _bring_up_local(ledger: RunLedger) -> ClusterInfo:
-    """A Ray head on loopback. A head recorded by an earlier process of this run (a killed CLI, a
-    crashed flow) is stopped first: one head per run, owned by the process that runs it."""
-    release_recorded_head(ledger)
-    started = time.perf_counter()
-    low, high = worker_port_range()
-
-    def record(head: RayHead) -> None:  # before the head is ready: a rerun finds it and stops it
-        ledger.manifest.record_stage(BRING_UP, cache_key=head.address, status="starting",
-                                     result={"address": head.address, "head": dataclasses.asdict(head)})
-
-    # The head ends itself once this process stops touching its lease (a SIGKILLed CLI or flow).
-    lease = LIVE.keep_lease(ledger.paths.run_dir / "ray" / "lease", lease_timeout_s=LOCAL_LEASE_S)
-    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
-        try:
-            head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=2,
-                                        object_store_memory=256 * 1024**2, min_worker_port=low,
-                                        max_worker_port=high, lease_path=lease, lease_timeout_s=LOCAL_LEASE_S,
-                                        on_spawn=record)
-            break
-        except (ValueError, RuntimeError) as exc:
-            # The head's ports are free when picked, but another process may take one before Ray binds
-            # it (a busy host); the failed head is already stopped: pick new ports and try again.
-            if attempt == LOCAL_START_ATTEMPTS:
-                raise
-            console.print(f"ray head did not start ({exc}); retrying with other ports", markup=False)
-            low, high = worker_port_range()
-    ledger.manifest.record_stage(BRING_UP, cache_key=head.address,
-                                 result={"address": head.address, "head": dataclasses.asdict(head)})
-    ledger.manifest.update(ray_address=head.address)
-    console.print(f"ray head at {head.address}: started in {time.perf_counter() - started:.1f} s", markup=False)
+    """A Ray head on loopback: the one `kimi-grpo run` started early for this run, else a new one."""
+    head = adopt_early(ledger.paths.run_dir) or start_head(ledger.manifest, ledger.paths.run_dir)
     return ClusterInfo(address=head.address, head=head)
 
 
@@ -157,7 +116,7 @@ def _bring_up_on_slurm(ledger: RunLedger, submitter: RayJobSubmitter, queue: Job
     spec = RayNodeSpec.for_recipe(recipe, ledger.paths.run_dir)
     if spec.token:
         files.ensure_token()
-    LIVE.keep_lease(files.lease, lease_timeout_s=recipe.cluster.ray.lease_s)  # before any job can read it
+    keep_lease(files.lease, lease_timeout_s=recipe.cluster.ray.lease_s)  # before any job can read it
     current = ledger.manifest.ray_jobs[-1] if ledger.manifest.ray_jobs else None
     if current is not None and not files.deadline(current).exists() and queue.state(current) == "RUNNING":
         record = read_ready(files, current)
@@ -188,16 +147,6 @@ def _bring_up_on_slurm(ledger: RunLedger, submitter: RayJobSubmitter, queue: Job
     return ClusterInfo(address=ready.address, job_id=job_id, queue=queue)
 
 
-def release_recorded_head(ledger: RunLedger) -> None:
-    """Stop the run's recorded local Ray head (by pid), if any of it is still running."""
-    record = ledger.manifest.stages.get(BRING_UP)
-    if record is None or not record.result or "head" not in record.result:
-        return
-    stop_local_ray_head(RayHead(**record.result["head"]))
-    ledger.manifest.update(ray_address=None)
-    ledger.manifest.record_stage(BRING_UP, cache_key="stopped", result=None, status="stopped")
-
-
 # ---- the session -----------------------------------------------------------------------------
 class LiveObjects:
     """The live objects of the runs this process drives — the one process-wide registry.
@@ -206,13 +155,13 @@ class LiveObjects:
     - Rollout loops by session handle: a task called again in the same process (the next rollout,
       a retry) reuses the ledger, MLflow client and actor handle; a task in another process
       rebuilds them from the run directory and MLflow.
-    - Lease keepers by lease file: this process touches the lease of every Ray head it brought up
-      for as long as it lives.
+
+    (The leases of the Ray heads this process brings up are kept by `ray_local.keep_lease`, which
+    the early head start uses before this module is imported.)
     """
 
     def __init__(self) -> None:
         self._loops: dict[SessionHandle, RolloutLoop] = {}
-        self._leases: dict[Path, LeaseKeeper] = {}
         self._ray_address: str | None = None
         self._token: Path | None = None
         self._lock = threading.Lock()
@@ -265,14 +214,6 @@ class LiveObjects:
     def drop(self, run: RunContext) -> None:
         with self._lock:
             self._loops = {h: loop for h, loop in self._loops.items() if h.run != run}
-
-    def keep_lease(self, path: Path, *, lease_timeout_s: float) -> Path:
-        """Start touching the lease at `path` (once per path per process); return the path."""
-        with self._lock:
-            if path not in self._leases:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._leases[path] = LeaseKeeper(path, lease_timeout_s=lease_timeout_s).start()
-        return path
 
 
 def _disconnect_all() -> None:
@@ -446,7 +387,7 @@ def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | 
             console.print(f"engine actor not stopped ({type(exc).__name__}: {exc}); its Ray head is stopped next",
                           markup=False)
     LIVE.disconnect()
-    release_recorded_head(ledger)
+    release_recorded_head(ledger.manifest)
     release_ray_jobs(ledger, queue, why)
 
 

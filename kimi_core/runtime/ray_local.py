@@ -246,6 +246,20 @@ class LeaseKeeper:
         self.stop()
 
 
+_LEASES: dict[Path, LeaseKeeper] = {}
+_LEASES_LOCK = threading.Lock()
+
+
+def keep_lease(path: Path, *, lease_timeout_s: float) -> Path:
+    """Start touching the lease at `path` from this process for as long as it lives (once per path
+    per process: one `LeaseKeeper` each, shared by every head this process brings up); return it."""
+    with _LEASES_LOCK:
+        if path not in _LEASES:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _LEASES[path] = LeaseKeeper(path, lease_timeout_s=lease_timeout_s).start()
+    return path
+
+
 def start_local_ray_head(
     *,
     temp_dir: str,
