@@ -14,14 +14,14 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kimi_core.atomic import write_text_atomic
-from kimi_core.checkpoint.cache import Mode, conversion_key, lookup_conversion
+from kimi_core.checkpoint.cache import ConversionKey, ConversionResult, Mode, conversion_key, lookup_conversion
 from kimi_core.checkpoint.hf import verify_hf_checkpoint
-from kimi_core.data import PREP_VERSION, PrepResult, prepare_dataset
+from kimi_core.data import PREP_VERSION, PrepResult, find_prepared, prepare_dataset
 from kimi_core.engines.base import EngineInputs, TrackingTarget
 from kimi_core.recipe import Recipe, resolve_path
 from kimi_core.run_state import TRACKER_FILENAME, RunPaths
@@ -35,21 +35,40 @@ def _local(path: str) -> str:
     return path.removeprefix("file://")
 
 
-def prepare_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
-    """Validate, deduplicate and cache the training and eval sets under `{run}/data/`."""
+def _data_sets(recipe: Recipe) -> dict[str, str]:
+    """Prepared name -> source of the training set and each eval set."""
+    return {"train": resolve_path(recipe, recipe.data.prompt_data),
+            **{f"eval-{ds.name}": resolve_path(recipe, ds.path) for ds in recipe.eval.datasets}}
+
+
+def _prep_args(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     d = recipe.data
     count_tokens = None
     if recipe.model.tokenizer == "kimi-byte":
         tokenizer = KimiByteTokenizer()
         count_tokens = lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))  # noqa: E731
+    return dict(out_dir=str(paths.data), input_key=d.input_key, label_key=d.label_key, metadata_key=d.metadata_key,
+                on_error=d.on_error, count_tokens=count_tokens)
 
-    def prepare(source: str, name: str) -> PrepResult:
-        return prepare_dataset(source, name=name, out_dir=str(paths.data), input_key=d.input_key,
-                               label_key=d.label_key, metadata_key=d.metadata_key, on_error=d.on_error,
-                               count_tokens=count_tokens)
 
-    train = prepare(resolve_path(recipe, d.prompt_data), "train")
-    evals = {ds.name: prepare(resolve_path(recipe, ds.path), f"eval-{ds.name}") for ds in recipe.eval.datasets}
+def prepare_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
+    """Validate, deduplicate and cache the training and eval sets under `{run}/data/`."""
+    args = _prep_args(recipe, paths)
+    return _data_result(recipe, {name: prepare_dataset(source, name=name, **args)
+                                 for name, source in _data_sets(recipe).items()})
+
+
+def current_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any] | None:
+    """`prepare_data`'s result when every set's earlier output is current, else None (writes nothing)."""
+    args = _prep_args(recipe, paths)
+    found = {name: find_prepared(source, name=name, **args) for name, source in _data_sets(recipe).items()}
+    done = {name: result for name, result in found.items() if result is not None}
+    return _data_result(recipe, done) if len(done) == len(found) else None
+
+
+def _data_result(recipe: Recipe, prepared: dict[str, PrepResult]) -> dict[str, Any]:
+    train = prepared["train"]
+    evals = {ds.name: prepared[f"eval-{ds.name}"] for ds in recipe.eval.datasets}
     return {
         "cached": train.cached and all(r.cached for r in evals.values()),
         "prep_version": PREP_VERSION,
@@ -76,13 +95,11 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
                 "cached": False}
     if source != "build:tiny":
         raise ValueError(f"checkpoint.hf_checkpoint = {source!r}: the only build target is 'build:tiny'")
+    built = current_model(recipe, paths)
+    if built is not None:
+        return built
     assert recipe.model.warmup is not None  # checked by the recipe rules
     target = _base_model_dir(recipe)
-    marker = target / "warmup.json"
-    if marker.is_file():
-        info = verify_hf_checkpoint(target)
-        return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False, "cached": True,
-                **json.loads(marker.read_text())}
     from kimi_core.model.warmup import build_base_model  # noqa: PLC0415 - torch only when the model is built
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,13 +115,39 @@ def acquire_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
     return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": True, "cached": False, **stats}
 
 
-def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -> dict[str, Any]:
-    """Make the reference / initial weights the recipe names in `checkpoint.ref_load`.
+def current_model(recipe: Recipe, paths: RunPaths) -> dict[str, Any] | None:
+    """`acquire_model`'s result for a `build:` model already built (and verified), else None: a
+    production checkpoint is verified by the stage itself."""
+    if recipe.checkpoint.hf_checkpoint != "build:tiny":
+        return None
+    target = _base_model_dir(recipe)
+    marker = target / "warmup.json"
+    if not marker.is_file():
+        return None
+    info = verify_hf_checkpoint(target)
+    return {"hf_checkpoint": str(target), "num_tensors": info.num_tensors, "built": False, "cached": True,
+            **json.loads(marker.read_text())}
 
-    A `*_torch_dist` reference is converted from the HF actor checkpoint (HF -> Megatron
-    torch_dist); a BF16 HF reference of an INT4 actor is dequantized from it (INT4 -> BF16).
-    An existing, verified output is reused (the conversion is cached by content hash).
-    """
+
+@dataclass(frozen=True)
+class _Conversion:
+    """A conversion to make or to find done: its mode, source, destination and content key."""
+
+    mode: Mode
+    src: Path
+    dst: str
+    key: ConversionKey
+
+    def lookup(self) -> ConversionResult | None:
+        return lookup_conversion(self.key, src=self.src, dst=Path(self.dst).resolve(), start=time.monotonic())
+
+    def result(self, done: ConversionResult) -> dict[str, Any]:
+        return {"conversions": [asdict(done)], "ref_load": self.dst, "cached": done.cached}
+
+
+def _plan_conversion(recipe: Recipe, *, hf_checkpoint: str) -> dict[str, Any] | _Conversion:
+    """The stage's result when there is nothing to convert (no reference asked for, or one present),
+    else the conversion (torch-free: its key hashes the inputs once, for the lookup and the work)."""
     ref = recipe.checkpoint.ref_load
     if ref is None:
         return {"conversions": [], "cached": True, "reason": "checkpoint.ref_load is not set: nothing to convert"}
@@ -124,15 +167,35 @@ def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -
     else:
         verify_hf_checkpoint(dst)
         return {"conversions": [], "ref_load": dst, "cached": False, "reason": "HF reference present and verified"}
-    # torch-free: the content check only; its key goes on to the conversion (inputs hashed once)
     src = Path(hf_checkpoint).resolve()
-    key = conversion_key(mode=mode, src=src)
-    result = lookup_conversion(key, src=src, dst=Path(dst).resolve(), start=time.monotonic())
-    if result is None:
+    return _Conversion(mode=mode, src=src, dst=dst, key=conversion_key(mode=mode, src=src))
+
+
+def convert_checkpoint(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -> dict[str, Any]:
+    """Make the reference / initial weights the recipe names in `checkpoint.ref_load`.
+
+    A `*_torch_dist` reference is converted from the HF actor checkpoint (HF -> Megatron
+    torch_dist); a BF16 HF reference of an INT4 actor is dequantized from it (INT4 -> BF16).
+    An existing, verified output is reused (the conversion is cached by content hash).
+    """
+    plan = _plan_conversion(recipe, hf_checkpoint=hf_checkpoint)
+    if isinstance(plan, dict):
+        return plan
+    done = plan.lookup()
+    if done is None:
         from kimi_core.checkpoint.stage import convert_stage  # noqa: PLC0415 - torch and megatron: only when there is work
 
-        result = convert_stage(mode=mode, src=hf_checkpoint, dst=dst, key=key)
-    return {"conversions": [asdict(result)], "ref_load": dst, "cached": result.cached}
+        done = convert_stage(mode=plan.mode, src=hf_checkpoint, dst=plan.dst, key=plan.key)
+    return plan.result(done)
+
+
+def current_conversion(recipe: Recipe, paths: RunPaths, *, hf_checkpoint: str) -> dict[str, Any] | None:
+    """`convert_checkpoint`'s result when there is nothing to do (its output is current), else None."""
+    plan = _plan_conversion(recipe, hf_checkpoint=hf_checkpoint)
+    if isinstance(plan, dict):
+        return plan if plan["cached"] else None
+    done = plan.lookup()
+    return None if done is None else plan.result(done)
 
 
 def engine_inputs(data: dict[str, Any], model: dict[str, Any], converted: dict[str, Any] | None = None, *,

@@ -180,6 +180,56 @@ def _callable_id(fn: CountTokens | None) -> str | None:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where `prepare_dataset` writes, and what identifies its output (source bytes, version, options)."""
+
+    directory: Path
+    path: Path
+    stats_path: Path
+    identity: dict[str, Any]
+    source_bytes: int
+
+    @classmethod
+    def of(cls, source: str, *, out_dir: str | os.PathLike[str], name: str, input_key: str, label_key: str,
+           metadata_key: str | None, on_error: str, count_tokens: CountTokens | None,
+           storage_options: dict[str, Any] | None) -> _Target:
+        _check_args(name, on_error)
+        directory = _local_dir(out_dir)
+        options = {
+            "input_key": input_key, "label_key": label_key, "metadata_key": metadata_key,
+            "on_error": on_error, "count_tokens": _callable_id(count_tokens), "format": source_format(source),
+        }
+        source_sha, source_bytes = source_sha256(source, storage_options=storage_options)
+        identity = {"source_sha256": source_sha, "prep_version": PREP_VERSION, "options": options}
+        return cls(directory, directory / f"{name}.jsonl", directory / f"{name}.stats.json", identity, source_bytes)
+
+    def reusable(self) -> PrepResult | None:
+        cached = load_cached_stats(self.stats_path, self.path, self.identity)
+        if cached is None:
+            return None
+        return PrepResult.from_stats(cached, path=self.path, stats_path=self.stats_path, cached=True)
+
+
+def find_prepared(
+    source: str,
+    *,
+    out_dir: str | os.PathLike[str],
+    name: str,
+    input_key: str = "prompt",
+    label_key: str = "label",
+    metadata_key: str | None = None,
+    on_error: Literal["strict", "skip"] = "strict",
+    count_tokens: CountTokens | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> PrepResult | None:
+    """What `prepare_dataset` with the same arguments would return from its cache (`cached=True`),
+    or None when it would have work to do. Reads the source's bytes (its hash), writes nothing."""
+    return _Target.of(source, out_dir=out_dir, name=name, input_key=input_key, label_key=label_key,
+                      metadata_key=metadata_key, on_error=on_error, count_tokens=count_tokens,
+                      storage_options=storage_options).reusable()
+
+
 def prepare_dataset(
     source: str,
     *,
@@ -200,20 +250,15 @@ def prepare_dataset(
     its qualified name, not its code. Raises `DataValidationError` when no valid row remains.
     `storage_options` goes to fsspec and is never written to the stats.
     """
-    _check_args(name, on_error)
-    keys = RowKeys(input_key=input_key, label_key=label_key, metadata_key=metadata_key)
-    directory = _local_dir(out_dir)
-    path, stats_path = directory / f"{name}.jsonl", directory / f"{name}.stats.json"
-    options = {
-        "input_key": input_key, "label_key": label_key, "metadata_key": metadata_key,
-        "on_error": on_error, "count_tokens": _callable_id(count_tokens), "format": source_format(source),
-    }
     started = time.perf_counter()
-    source_sha, source_bytes = source_sha256(source, storage_options=storage_options)
-    identity = {"source_sha256": source_sha, "prep_version": PREP_VERSION, "options": options}
-    cached = load_cached_stats(stats_path, path, identity)
-    if cached is not None:
-        return PrepResult.from_stats(cached, path=path, stats_path=stats_path, cached=True)
+    target = _Target.of(source, out_dir=out_dir, name=name, input_key=input_key, label_key=label_key,
+                        metadata_key=metadata_key, on_error=on_error, count_tokens=count_tokens,
+                        storage_options=storage_options)
+    if (cached := target.reusable()) is not None:
+        return cached
+    keys = RowKeys(input_key=input_key, label_key=label_key, metadata_key=metadata_key)
+    directory, path, stats_path, identity = target.directory, target.path, target.stats_path, target.identity
+    source_bytes = target.source_bytes
 
     directory.mkdir(parents=True, exist_ok=True)
     records = iter_records(source, storage_options=storage_options)

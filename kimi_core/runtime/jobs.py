@@ -20,7 +20,14 @@ from submitit.core.utils import FailedJobError
 from kimi_core.recipe import Recipe
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import PermanentFailure, is_transient, job_error_line
-from kimi_core.runtime.job_payloads import acquire_model_job, convert_checkpoint_job, prepare_data_job
+from kimi_core.runtime.job_payloads import (
+    acquire_model_job,
+    convert_checkpoint_job,
+    current_conversion,
+    current_data,
+    current_model,
+    prepare_data_job,
+)
 from kimi_core.runtime.ledger import RunLedger, cache_key
 
 STAGE_VERSION = "2"
@@ -74,21 +81,38 @@ def run_job(ledger: RunLedger, launcher: JobLauncher, name: str, fn: Callable[..
 
 
 def _stage(ctx: RunContext, launcher: JobLauncher, name: str, fn: Callable[..., dict[str, Any]],
-           *args: Any) -> dict[str, Any]:
+           current: Callable[..., dict[str, Any] | None], *args: Any) -> dict[str, Any]:
+    """Stage `name` as a job running `fn(*args)`. With the local executor the flow first makes the
+    stage's own check for a current output, `current(*args)` (torch-free; it hashes the inputs as the
+    job would), and starts no job when it finds one: a job costs a Python interpreter's start-up
+    (about a second of CPU) on the machine the run shares. On Slurm the job makes the check, on the
+    node with the files."""
     ledger = RunLedger(ctx)
-    return ledger.stage(name, lambda: run_job(ledger, launcher, name, fn, *args), key=stage_key(name, ledger.recipe))
+
+    def run() -> dict[str, Any]:
+        if not launcher.on_slurm:
+            try:
+                found = current(*args)
+            except Exception:  # the job meets the same problem and reports it as the stage's failure
+                found = None
+            if found is not None:
+                return found
+        return run_job(ledger, launcher, name, fn, *args)
+
+    return ledger.stage(name, run, key=stage_key(name, ledger.recipe))
 
 
 def prepare_data(ctx: RunContext, launcher: JobLauncher) -> dict[str, Any]:
     """Stage: validated, deduplicated training and eval data under the run directory."""
-    return _stage(ctx, launcher, "prepare_data", prepare_data_job, ctx)
+    return _stage(ctx, launcher, "prepare_data", prepare_data_job, current_data, ctx)
 
 
 def acquire_model(ctx: RunContext, launcher: JobLauncher) -> dict[str, Any]:
     """Stage: the verified (or, locally, built) HF checkpoint of the actor."""
-    return _stage(ctx, launcher, "acquire_model", acquire_model_job, ctx)
+    return _stage(ctx, launcher, "acquire_model", acquire_model_job, current_model, ctx)
 
 
 def convert_checkpoint(ctx: RunContext, launcher: JobLauncher, model: dict[str, Any]) -> dict[str, Any]:
     """Stage: the reference / initial weights in the format the trainer loads."""
-    return _stage(ctx, launcher, "convert_checkpoint", convert_checkpoint_job, ctx, model["hf_checkpoint"])
+    return _stage(ctx, launcher, "convert_checkpoint", convert_checkpoint_job, current_conversion, ctx,
+                  model["hf_checkpoint"])

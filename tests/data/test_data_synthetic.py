@@ -8,7 +8,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from kimi_core.data import prepare_dataset, read_prepared, synthetic_rows, worked_solution
+from kimi_core.data import find_prepared, prepare_dataset, read_prepared, synthetic_rows, worked_solution
 from kimi_core.data.sources import source_format
 from kimi_core.data.synthetic import parse_synthetic_uri
 
@@ -90,11 +90,17 @@ def test_uri_parsing() -> None:
 
 def test_prepare_synthetic_source(tmp_path: Path) -> None:
     uri = "synthetic://arith?seed=7&n=30&split=train&max_operand=12"
+    assert find_prepared(uri, out_dir=tmp_path, name="arith-train") is None  # nothing prepared yet
+    assert not any(tmp_path.iterdir())  # and the check wrote nothing
     result = prepare_dataset(uri, out_dir=tmp_path, name="arith-train")
     assert (result.rows_in, result.rows_out, result.duplicates) == (30, 30, 0)
     assert read_prepared(result.path) == synthetic_rows(seed=7, n=30, split="train", max_operand=12)
-    assert prepare_dataset(uri, out_dir=tmp_path, name="arith-train").cached
-    changed = prepare_dataset(uri.replace("seed=7", "seed=8"), out_dir=tmp_path, name="arith-train")
+    again = prepare_dataset(uri, out_dir=tmp_path, name="arith-train")
+    assert again.cached and find_prepared(uri, out_dir=tmp_path, name="arith-train") == again
+    assert find_prepared(uri, out_dir=tmp_path, name="arith-train", on_error="skip") is None  # other options
+    changed_uri = uri.replace("seed=7", "seed=8")
+    assert find_prepared(changed_uri, out_dir=tmp_path, name="arith-train") is None
+    changed = prepare_dataset(changed_uri, out_dir=tmp_path, name="arith-train")
     assert not changed.cached and changed.source_sha256 != result.source_sha256
 
 

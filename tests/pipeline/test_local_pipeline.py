@@ -139,11 +139,16 @@ def test_kill_and_resume_is_bitwise_identical(prefect_server, reference_final: b
         proc.wait(timeout=30)
         killed_at = latest_checkpoint(paths)
         run_id = Manifest.load(paths).mlflow_run_id
+        stage_jobs = sorted((paths.logs / "jobs").rglob("*_submitted.pkl"))
 
         resumed = run_cli(args, env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     finally:
         _stop_leftover_head(paths)
+    assert len(stage_jobs) == 3  # the first run's prepare_data, acquire_model, convert_checkpoint
+    # the resume found every stage's output current itself, and started no stage job
+    assert sorted((paths.logs / "jobs").rglob("*_submitted.pkl")) == stage_jobs
+    assert resumed.stdout.count("inputs unchanged, earlier output reused") == 3, resumed.stdout[-3000:]
     manifest = Manifest.load(paths)
     assert manifest.mlflow_run_id == run_id  # the same MLflow run, reopened
     assert len(manifest.resume_history) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kimi_core import stages
 from kimi_core.exit_codes import REQUEUE_EXIT
 from kimi_core.run_state import latest_checkpoint
 from kimi_core.runtime.context import RunContext
@@ -48,6 +49,13 @@ def _cached(ledger: RunLedger) -> dict[str, bool]:
     return {name: record.cached for name, record in ledger.manifest.stages.items()}
 
 
+def _untimed(result: dict | None) -> dict | None:
+    """A convert_checkpoint result without the seconds each lookup measures."""
+    if result is None:
+        return None
+    return {**result, "conversions": [{k: v for k, v in c.items() if k != "seconds"} for c in result["conversions"]]}
+
+
 @pytest.fixture()
 def source(tmp_path: Path) -> Path:
     path = tmp_path / "rows.jsonl"
@@ -57,16 +65,26 @@ def source(tmp_path: Path) -> Path:
 
 def test_a_stage_redoes_its_work_when_its_input_changes_in_place(tmp_path: Path, source: Path) -> None:
     ledger = RunLedger(_ctx(tmp_path / "base", source, "content"))
+    recipe, paths = ledger.recipe, ledger.paths
+    assert stages.current_data(recipe, paths) is None and stages.current_model(recipe, paths) is None
     _data, model = _stages(ledger)
     assert _cached(ledger) == {"prepare_data": False, "acquire_model": False, "convert_checkpoint": False}
-    _stages(ledger)
+    found = (stages.current_data(recipe, paths), stages.current_model(recipe, paths),
+             stages.current_conversion(recipe, paths, hf_checkpoint=model["hf_checkpoint"]))
+    again = _stages(ledger)
     assert _cached(ledger) == {"prepare_data": True, "acquire_model": True, "convert_checkpoint": True}
+    # the checks the flow makes before a local stage job find exactly what the stages return
+    assert found[:2] == again
+    assert _untimed(found[2]) == _untimed(ledger.manifest.stages["convert_checkpoint"].result)
+    assert found[2] is not None and found[2]["cached"]
 
     # same size, same mtime, other content: "12" -> "13" in the second row's label
     text = source.read_text()
     _rewrite_in_place(source, text.index('"label": "12"') + len('"label": "1'))
     shard = next(Path(model["hf_checkpoint"]).glob("*.safetensors"))
     _rewrite_in_place(shard, shard.stat().st_size - 3)  # a byte of the last tensor's data
+    assert stages.current_data(recipe, paths) is None  # the source's content changed
+    assert stages.current_conversion(recipe, paths, hf_checkpoint=model["hf_checkpoint"]) is None  # the shard's
     data, _model = _stages(ledger)
     assert _cached(ledger) == {"prepare_data": False, "acquire_model": True, "convert_checkpoint": False}
     labels = [json.loads(line)["label"] for line in Path(data["train"]["path"]).read_text().splitlines()]
