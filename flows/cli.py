@@ -243,8 +243,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = TemporaryPrefectServer.start_if_needed()
     if server is not None:
         # At exit, after Prefect's own exit hooks (registered later, run earlier) have sent the
-        # run's last logs and events to it.
+        # run's last events to it.
         atexit.register(server.stop)
+        # Nobody reads the temporary server's logs (no UI, gone at exit): the console has them all.
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
     return _run(args, recipe, server)
 
 

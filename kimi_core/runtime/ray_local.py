@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -47,6 +47,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, host: str = "127.0.0.1", *, besides: Iterable[int] = ()) -> list[int]:
+    """`count` distinct TCP ports free right now on `host`, none of them in `besides`: the sockets are
+    held open together while the OS picks them (separate `free_port()` calls may return the same
+    port twice)."""
+    taken, held = set(besides), list[socket.socket]()
+    try:
+        while len(held) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            if sock.getsockname()[1] in taken:
+                sock.close()
+                continue
+            taken.add(sock.getsockname()[1])
+            held.append(sock)
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def worker_port_range(size: int = 200) -> tuple[int, int]:
@@ -294,11 +314,13 @@ def start_local_ray_head(
         raise ValueError(f"temp_dir {temp_dir!r} is too long for Ray's Unix sockets (keep <= 40)")
     if not 1024 < min_worker_port < max_worker_port < 65536:
         raise ValueError(f"worker ports [{min_worker_port}, {max_worker_port}] are not a range")
+    given = [port] if dashboard_port is None else [port, dashboard_port]
+    picked = iter(free_ports(4 - len(given), besides=given))
     ports = {
         "gcs": port,
-        "dashboard": dashboard_port or free_port(),
-        "client_server": free_port(),
-        "dashboard_agent": free_port(),
+        "dashboard": dashboard_port or next(picked),
+        "client_server": next(picked),
+        "dashboard_agent": next(picked),
         "min_worker": min_worker_port,
         "max_worker": max_worker_port,
     }

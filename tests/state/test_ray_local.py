@@ -24,7 +24,9 @@ from kimi_core.runtime.ray_lease import EXIT_LEASE_EXPIRED, watchdog_command
 from kimi_core.runtime.ray_local import (
     LeaseKeeper,
     RayHead,
+    can_bind,
     free_port,
+    free_ports,
     is_alive,
     ray_env,
     short_temp_dir,
@@ -183,6 +185,16 @@ def test_start_rejects_busy_port() -> None:
                 temp_dir="/tmp/kr-x", port=port, num_cpus=1,
                 object_store_memory=10**8, min_worker_port=21000, max_worker_port=21100,
             )
+
+
+def test_free_ports_are_distinct_free_and_avoid_the_given_ones() -> None:
+    """Separate free_port() calls can return one port twice (seen in CI: the dashboard and its agent
+    got the same port and `ray start` refused); free_ports holds its sockets while picking."""
+    given = free_port()
+    for _ in range(50):
+        ports = free_ports(3, besides=[given])
+        assert len(set(ports)) == 3 and given not in ports
+        assert all(can_bind(p) for p in ports)
 
 
 def test_is_alive_on_closed_port() -> None:
