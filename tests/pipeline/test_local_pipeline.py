@@ -148,7 +148,8 @@ def test_kill_and_resume_is_bitwise_identical(prefect_server, reference_final: b
     assert len(stage_jobs) == 3  # the first run's prepare_data, acquire_model, convert_checkpoint
     # the resume found every stage's output current itself, and started no stage job
     assert sorted((paths.logs / "jobs").rglob("*_submitted.pkl")) == stage_jobs
-    assert resumed.stdout.count("inputs unchanged, earlier output reused") == 3, resumed.stdout[-3000:]
+    said = resumed.stdout + resumed.stderr
+    assert said.count("inputs unchanged, earlier output reused") == 3, said[-3000:]
     manifest = Manifest.load(paths)
     assert manifest.mlflow_run_id == run_id  # the same MLflow run, reopened
     assert len(manifest.resume_history) == 2
