@@ -61,9 +61,13 @@ def prepare_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any]:
 def current_data(recipe: Recipe, paths: RunPaths) -> dict[str, Any] | None:
     """`prepare_data`'s result when every set's earlier output is current, else None (writes nothing)."""
     args = _prep_args(recipe, paths)
-    found = {name: find_prepared(source, name=name, **args) for name, source in _data_sets(recipe).items()}
-    done = {name: result for name, result in found.items() if result is not None}
-    return _data_result(recipe, done) if len(done) == len(found) else None
+    done = {}
+    for name, source in _data_sets(recipe).items():
+        found = find_prepared(source, name=name, **args)
+        if found is None:
+            return None  # the job prepares it (the sets after this one are not hashed twice)
+        done[name] = found
+    return _data_result(recipe, done)
 
 
 def _data_result(recipe: Recipe, prepared: dict[str, PrepResult]) -> dict[str, Any]:

@@ -100,9 +100,9 @@ def start_early(ctx: RunContext) -> bool:
         return False
     paths = ctx.paths(recipe)
     try:
-        if paths.manifest.is_file() and Manifest.load(paths).finished:
-            return False  # the flow will find the run complete and start nothing
         manifest = Manifest.load_or_create(paths, recipe_hash=recipe_hash(recipe))
+        if manifest.finished:
+            return False  # the flow will find the run complete and start nothing
     except (OSError, ValueError) as exc:  # the flow meets the same problem and reports it as a stage's
         console.print(f"the Ray head is not started early ({exc})", markup=False)
         return False

@@ -44,26 +44,24 @@ _PROBE = (
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on `host` (the OS picks it; racy by nature)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1", *, besides: Iterable[int] = ()) -> list[int]:
     """`count` distinct TCP ports free right now on `host`, none of them in `besides`: the sockets are
     held open together while the OS picks them (separate `free_port()` calls may return the same
     port twice)."""
-    taken, held = set(besides), list[socket.socket]()
+    taken, held, ports = set(besides), list[socket.socket](), list[int]()
     try:
-        while len(held) < count:
+        while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            if sock.getsockname()[1] in taken:
-                sock.close()
-                continue
-            taken.add(sock.getsockname()[1])
             held.append(sock)
-        return [int(sock.getsockname()[1]) for sock in held]
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in taken:
+                taken.add(port)
+                ports.append(port)
+        return ports
     finally:
         for sock in held:
             sock.close()
