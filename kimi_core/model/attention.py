@@ -45,6 +45,7 @@ class MLACache:
     ) -> None:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.latent = torch.zeros(cfg.num_hidden_layers, batch_size, max_len, width, dtype=dtype, device=device)
+        self._buffers: tuple[torch.Tensor, torch.Tensor | None] = (self.latent, None)  # (live, spare): keep_rows
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.key_bias = torch.full((batch_size, max_len), float("-inf"), dtype=dtype, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -88,8 +89,21 @@ class MLACache:
         self.next_position += mask.sum(dim=1)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: keep only batch rows ``rows [B']`` (in that order)."""
-        self.latent = self.latent.index_select(1, rows)
+        """Keep batch rows ``rows [B']``, in that order: finished rows leave, and a row may be
+        repeated (a prompt prefilled once, then one row per sample).
+
+        The latent moves into the spare of two buffers (made when missing or too small) instead
+        of a new tensor per call: for an eval batch a new one is larger than the biggest block
+        glibc reuses (32 MiB), so each call mapped and faulted in fresh pages, which cost 2-3x
+        more in a Ray worker than in a plain process (docs/design.md §5, engine speed)."""
+        live, spare = self._buffers
+        kept = rows.numel()
+        if spare is None or spare.shape[1] < kept:
+            spare = live.new_empty((live.shape[0], kept, *live.shape[2:]))
+        for layer in range(live.shape[0]):
+            torch.index_select(self.latent[layer], 0, rows, out=spare[layer, :kept])
+        self._buffers = (spare, live)
+        self.latent = spare[:, :kept]
         self.key_mask = self.key_mask.index_select(0, rows)
         self.key_bias = self.key_bias.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)

@@ -1,7 +1,8 @@
 """Batched sampling with the compressed KV cache, and differentiable response log-probs.
 
-``generate`` left-pads the prompts, prefills them in one forward, then decodes one token per
-step for every unfinished row; rows that emit a stop token leave the batch (their cache rows are
+``generate`` left-pads the prompts, prefills each distinct prompt once in one forward (GRPO
+samples every prompt n times: its cache rows are then repeated per sample), then decodes one
+token per step for every unfinished row; rows that emit a stop token leave the batch (their cache rows are
 dropped), and the loop ends when none is left or ``max_new_tokens`` is reached.
 
 Sampling distribution: ``softmax(logits / temperature)`` restricted to the top-p nucleus
@@ -152,10 +153,16 @@ def generate(
     if max_new_tokens == 0:
         return GenerationOutput(rows.tokens, rows.logprobs, [True] * len(prompts))
     device = model.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_token_id=pad_token_id, device=device)
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # row -> its distinct prompt
+    ids, mask = left_pad([list(p) for p in distinct], pad_token_id=pad_token_id, device=device)
     with model.frozen_weights():
-        cache = model.new_cache(batch_size=len(prompts), max_len=ids.shape[1] + max_new_tokens)
+        cache = model.new_cache(batch_size=len(distinct), max_len=ids.shape[1] + max_new_tokens)
         logits = model(ids, attention_mask=mask, cache=cache, last_token_only=True)[:, -1]
+        if len(distinct) < len(prompts):  # one cache row and one logits row per sample
+            index = torch.tensor(owner, device=device)
+            cache.keep_rows(index)
+            logits = logits.index_select(0, index)
         for step in range(max_new_tokens):
             next_ids, next_logp = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)
             keep = rows.record(next_ids, next_logp, stop=stop)

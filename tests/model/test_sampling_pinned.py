@@ -41,6 +41,24 @@ PINNED = {
     ),
 }
 
+# GRPO groups: PROMPTS[:3], each 3 times in a row; recorded while every row was still prefilled
+# on its own, so the shared prefill (one per distinct prompt) must reproduce them.
+GROUPS = [p for p in PROMPTS[:3] for _ in range(3)]
+PINNED_GROUPS = {
+    "t1": (
+        [[17, 64, 34, 78, 43, 26, 44, 81], [83, 77, 64, 2, 63, 89, 45, 49], [22, 89, 83, 83, 43, 6, 51, 30],
+         [78, 3, 72, 61, 46, 50, 43, 50], [27, 18, 70, 53, 65, 62, 21, 24], [39, 93, 77, 33, 85, 21, 61, 24],
+         [87, 11, 50, 88, 87, 19, 50, 30], [8, 96, 74, 8, 76, 31, 82, 1], [1, 49, 58, 76, 87, 1, 89, 29]],
+        [-36.8632, -36.0183, -35.7695, -32.8234, -32.901, -35.6636, -38.0212, -35.3321, -31.1831], 120433841,
+    ),
+    "nucleus_stop": (  # row 5 stops at once: the repeated cache rows are then compacted
+        [[61, 93, 72, 55, 12, 25, 72, 88], [80, 45, 62, 5, 92, 83, 0, 7], [56, 73, 46, 23, 20, 51, 61, 20],
+         [51, 46, 6, 67, 46, 16, 47, 62], [54, 42, 71, 21, 37, 38, 54, 72], [3], [94, 71, 81, 62, 51, 63, 62, 37],
+         [56, 76, 71, 38, 16, 59, 81, 86], [49, 1, 81, 35, 63, 62, 59, 13]],
+        [-27.4101, -32.5625, -28.9684, -29.1143, -29.0304, -2.6294, -33.5835, -29.0051, -29.0773], 1406630730,
+    ),
+}
+
 BIG_TOKENS = [
     [109, 66, 12, 280, 72, 127, 246, 251, 274, 233, 119, 41, 73, 79, 181, 154],
     [20, 126, 229, 102, 126, 255, 277, 155, 167, 150, 138, 218, 212, 132, 69, 45],
@@ -71,6 +89,24 @@ def test_generate_pinned_sequences(small_model: KimiForCausalLM, name: str) -> N
     out = generate(small_model, PROMPTS, max_new_tokens=10, pad_token_id=0, generator=g, **CASES[name])
     assert out.tokens == tokens
     assert out.truncated == truncated
+    assert [sum(r) for r in out.logprobs] == pytest.approx(logp_sums, abs=2e-4)
+    assert torch.randint(0, 2**31, (1,), generator=g).item() == next_draw
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_GROUPS))
+def test_generate_pinned_groups_prefill_each_prompt_once(small_model: KimiForCausalLM, name: str) -> None:
+    tokens, logp_sums, next_draw = PINNED_GROUPS[name]
+    prefill_rows: list[int] = []
+    hook = small_model.register_forward_pre_hook(lambda _, args: prefill_rows.append(args[0].shape[0]))
+    try:
+        g = torch.Generator().manual_seed(99)
+        out = generate(small_model, GROUPS, max_new_tokens=8, pad_token_id=0, generator=g, **CASES[name])
+    finally:
+        hook.remove()
+    # the prefill (3 distinct prompts), then the first decode step: every row that goes on
+    assert prefill_rows[:2] == [3, sum(len(t) > 1 for t in tokens)]
+    assert out.tokens == tokens
+    assert out.truncated == [len(t) == 8 for t in tokens]
     assert [sum(r) for r in out.logprobs] == pytest.approx(logp_sums, abs=2e-4)
     assert torch.randint(0, 2**31, (1,), generator=g).item() == next_draw
 
@@ -110,3 +146,21 @@ def test_last_token_only_matches_full_forward(small_model: KimiForCausalLM) -> N
     for out in (plain, cached, frozen):
         assert out.shape == full.shape and torch.allclose(out, full, atol=1e-5, rtol=0)
     assert torch.allclose(frozen_cache.latent, cache.latent, atol=1e-5, rtol=0)
+
+
+def test_cache_keep_rows_repeats_drops_and_reuses_its_buffers(small_model: KimiForCausalLM) -> None:
+    """``keep_rows`` takes rows in the order given (repeats allowed), and after the first call
+    copies into the spare buffer instead of allocating one per call."""
+    cache = small_model.new_cache(batch_size=3, max_len=6)
+    cache.latent.copy_(torch.arange(cache.latent.numel(), dtype=cache.latent.dtype).view_as(cache.latent))
+    cache.next_position.copy_(torch.tensor([4, 5, 6]))
+    expected = cache.latent.index_select(1, torch.tensor([2, 0, 0, 1]))
+    cache.keep_rows(torch.tensor([2, 0, 0, 1]))  # grows: new buffers
+    assert torch.equal(cache.latent, expected) and cache.next_position.tolist() == [6, 4, 4, 5]
+    spare = cache._buffers[1]
+    expected = expected.index_select(1, torch.tensor([0, 3]))
+    cache.keep_rows(torch.tensor([0, 3]))
+    assert torch.equal(cache.latent, expected) and cache.next_position.tolist() == [6, 5]
+    assert cache.latent.data_ptr() == spare.data_ptr()  # the spare was reused
+    cache.keep_rows(torch.tensor([1]))
+    assert torch.equal(cache.latent, expected[:, 1:]) and cache.batch_size == 1
