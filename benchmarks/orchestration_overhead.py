@@ -80,6 +80,7 @@ from kimi_core.runtime.session import THREADS_ENV
 
 RECIPE = "configs/local.yaml"
 ENGINE_METRICS = ("perf/rollout_time", "perf/train_time")
+EVAL_METRIC = "perf/eval_time"  # the engine's own seconds in one eval
 OVERRIDES = [
     "model.warmup.steps=20",
     "rollout.rollout_batch_size=8",
@@ -99,6 +100,7 @@ class Side:
     rollout_s: float
     startup_s: float
     engine_s: float  # the engine's own sampling + training seconds (its perf/ metrics), saves and evals excluded
+    eval_s: float = 0.0  # the engine's own seconds in the evals of the window
     notes: dict[str, float] = field(default_factory=dict)
 
 
@@ -156,15 +158,15 @@ def run_flow(args: argparse.Namespace, overrides: list[str], base_dir: Path, env
     if code != 0:
         sys.stderr.write("\n".join(line for _, line in lines[-60:]) + "\n")
         raise SystemExit(f"the flow failed with exit code {code}")
-    first_start, last_end, n, engine_s = _flow_window(base_dir, "flow")
-    side = Side("flow", n, last_end - first_start, first_start - started, engine_s)
+    first_start, last_end, n, engine_s, eval_s = _flow_window(base_dir, "flow")
+    side = Side("flow", n, last_end - first_start, first_start - started, engine_s, eval_s)
     side.notes = _startup_breakdown(lines, started, first_start)
     return side
 
 
-def _flow_window(base_dir: Path, run_name: str) -> tuple[float, float, int, float]:
-    """(first rollout start, last rollout end, rollouts, engine seconds) from the run's MLflow metrics:
-    each rollout's `perf/step_time` point is logged at its end."""
+def _flow_window(base_dir: Path, run_name: str) -> tuple[float, float, int, float, float]:
+    """(first rollout start, last rollout end, rollouts, engine seconds, eval seconds) from the run's
+    MLflow metrics: each rollout's `perf/step_time` point is logged at its end."""
     from mlflow import MlflowClient
 
     manifest = Manifest.load(RunPaths.of(base_dir, run_name))
@@ -174,7 +176,8 @@ def _flow_window(base_dir: Path, run_name: str) -> tuple[float, float, int, floa
     if not points:
         raise SystemExit(f"the flow's MLflow run has no {STEP_TIME_METRIC} points")
     engine_s = sum(m.value for key in ENGINE_METRICS for m in client.get_metric_history(run_id, key))
-    return points[0].timestamp / 1000 - points[0].value, points[-1].timestamp / 1000, len(points), engine_s
+    eval_s = sum(m.value for m in client.get_metric_history(run_id, EVAL_METRIC) if m.step < points[-1].step)
+    return points[0].timestamp / 1000 - points[0].value, points[-1].timestamp / 1000, len(points), engine_s, eval_s
 
 
 _DONE_LINE = re.compile(r"^(?:stage (\w+): (?:done|inputs unchanged, earlier output reused)|ray head at \S+: started|engine session \S+ at rollout \d+) in ([\d.]+) s")
@@ -231,6 +234,7 @@ class BareRecorder:
     def __init__(self) -> None:
         self.first_start = time.time()
         self.last_end, self.engine_s, self.rollouts = self.first_start, 0.0, 0
+        self.eval_time: dict[int, float] = {}  # rollout id -> the engine's seconds in the eval after it
 
     def rollout(self, result: RolloutResult, *, step_time: float, log_metrics: bool) -> RolloutResult:
         self.engine_s += sum(result.metrics[key] for key in ENGINE_METRICS)
@@ -239,6 +243,7 @@ class BareRecorder:
         return result
 
     def eval(self, result: EvalResult, *, log_metrics: bool) -> EvalResult:
+        self.eval_time[result.rollout_id] = result.metrics[EVAL_METRIC]
         return result
 
 
@@ -256,7 +261,8 @@ def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dic
                 pending_evals=RolloutLoop.evals_owed(plan, start=0, logged_evals=set())).run()
     engine.close()
     return Side(paths.run_name, recorder.rollouts, recorder.last_end - recorder.first_start,
-                recorder.first_start - started, recorder.engine_s)
+                recorder.first_start - started, recorder.engine_s,
+                sum(t for r, t in recorder.eval_time.items() if r < recorder.rollouts - 1))  # the window's evals
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -310,13 +316,15 @@ def main() -> None:
     bares.append(run_bare(recipe, base_dir, "bare-after", threads=args.threads))
     print(f"bare loop (after the flow): {bares[1].rollout_s:.1f} s", flush=True)
     bare = Side("bare", bares[0].rollouts,
-                *(sum(getattr(b, f) for b in bares) / 2 for f in ("rollout_s", "startup_s", "engine_s")))
+                *(sum(getattr(b, f) for b in bares) / 2 for f in ("rollout_s", "startup_s", "engine_s", "eval_s")))
 
-    print(f"\n{'side':<12} {'rollouts':>8} {'rollout_s':>10} {'s/rollout':>10} {'engine_s':>9} {'startup_s':>10}")
+    print(f"\n{'side':<12} {'rollouts':>8} {'rollout_s':>10} {'s/rollout':>10} {'engine_s':>9} {'eval_s':>7} "
+          f"{'startup_s':>10}")
     for side in (flow, *bares, bare):
         print(f"{side.name:<12} {side.rollouts:>8d} {side.rollout_s:>10.2f} {side.rollout_s / side.rollouts:>10.3f} "
-              f"{side.engine_s:>9.2f} {side.startup_s:>10.1f}")
-    print("(bare = mean of the two bare loops; engine_s = the engine's sampling + training time inside the window)")
+              f"{side.engine_s:>9.2f} {side.eval_s:>7.2f} {side.startup_s:>10.1f}")
+    print("(bare = mean of the two bare loops; engine_s = the engine's sampling + training time inside the window, "
+          "eval_s = the engine's own time in the window's evals)")
     print(f"\norchestration overhead: {(flow.rollout_s - bare.rollout_s) / flow.rollouts * 1000:.0f} ms per rollout "
           f"({(flow.rollout_s - flow.engine_s - bare.rollout_s + bare.engine_s) / flow.rollouts * 1000:.0f} ms "
           "outside the engine's own sampling and training)")

@@ -267,7 +267,7 @@ class LocalEngine:
     def evaluate(self, rollout_id: int) -> EvalResult:
         """avg@n, unbiased pass@k and length stats per eval set, and the first groups' generations;
         its own RNG seeded by the rollout id (`eval_generator`), so training is not perturbed."""
-        policy, r, ev = self._started_policy(), self.recipe, self.recipe.eval
+        policy, r, ev, started = self._started_policy(), self.recipe, self.recipe.eval, time.perf_counter()
         generator = eval_generator(r.rollout.seed, rollout_id)
         n = ev.n_samples_per_prompt
         spec = SamplingSpec(n, ev.max_response_len or r.rollout.max_response_len,
@@ -290,6 +290,7 @@ class LocalEngine:
                  "reward": g.rewards[0]}
                 for g in groups[: r.tracking.sample_generations_per_eval]
             ]
+        metrics["perf/eval_time"] = time.perf_counter() - started
         return EvalResult(rollout_id=rollout_id, metrics=metrics, samples=tuple(samples))
 
     # ---- checkpoints -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ class Progress:
         self.last_eval = ""
 
     def eval(self, rollout_id: int, metrics: dict[str, float]) -> None:
-        scores = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.count("/") == 1}
+        scores = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1}
         self.last_eval = ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" (@{rollout_id})"
         console.print(f"eval @ rollout {rollout_id}: {self.last_eval}")
 

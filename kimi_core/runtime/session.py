@@ -9,11 +9,13 @@ twice. In the flow it lives in a detached, named Ray actor (`attach_actor`), dri
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kimi_core.engines import engine_name, make_engine
 from kimi_core.engines.base import EngineBroken, EngineInputs, EvalResult, RolloutResult
@@ -40,17 +42,53 @@ class SessionOutOfStep(RuntimeError):
     """The caller asked for a rollout the session is not at (the session must be reopened)."""
 
 
+_T = TypeVar("_T")
+
+
+class _EngineThread:
+    """One daemon thread that runs the calls given to `run`, one at a time, in order."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="engine", daemon=True).start()
+
+    def run(self, call: Callable[[], _T]) -> _T:
+        """`call()` on the thread; its exception is raised here as itself."""
+        future: Future[_T] = Future()
+        self._calls.put((future, call))
+        return future.result()
+
+    def stop(self) -> None:
+        """End the thread after the calls already given."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, call = item
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # handed to the caller, whatever it is
+                future.set_exception(exc)
+
+
 class EngineSession:
-    """One engine, one rollout at a time; the loop decides what to save (`save`, `force_sync`)."""
+    """One engine, one rollout at a time; the loop decides what to save (`save`, `force_sync`).
+
+    Every engine call, its construction included, runs on one thread of the session's own, whatever
+    thread the call comes in on (a threaded Ray actor runs each call on any of its pool threads).
+    glibc gives each thread that allocates its own heap, so calls spread over two threads grew two
+    heaps to the engine's working set, and fresh pages are what a new process pays most for on a
+    small VM (docs/design.md §5, engine speed)."""
 
     def __init__(self, ctx: RunContext, inputs: EngineInputs, *, num_threads: int | None = None):
+        self._thread = _EngineThread()
         if num_threads:
             import torch  # noqa: PLC0415 - the session process is the one that pays for torch
 
             torch.set_num_threads(num_threads)
         recipe = ctx.recipe()
         self.paths = ctx.paths(recipe)
-        self.engine = make_engine(recipe, paths=self.paths, inputs=inputs)
+        self.engine = self._thread.run(lambda: make_engine(recipe, paths=self.paths, inputs=inputs))
         self.next_rollout = -1
         self.last: RolloutResult | None = None
         self._lock = threading.Lock()  # a retried call waits for the running one, then finds its result
@@ -64,7 +102,7 @@ class EngineSession:
             for partial in cleanup_incomplete(self.paths):
                 console.print(f"removed the unfinished save {partial}", markup=False)
             try:
-                self.next_rollout = self.engine.start(latest_checkpoint(self.paths))
+                self.next_rollout = self._thread.run(lambda: self.engine.start(latest_checkpoint(self.paths)))
             except EngineBroken as exc:
                 raise SessionLost(str(exc)) from exc
             return self.next_rollout
@@ -76,7 +114,8 @@ class EngineSession:
             if rollout_id != self.next_rollout:
                 raise SessionOutOfStep(f"session is at rollout {self.next_rollout}, asked for {rollout_id}")
             try:
-                self.last = self.engine.train_rollout(rollout_id, save=save, force_sync=force_sync)
+                self.last = self._thread.run(
+                    lambda: self.engine.train_rollout(rollout_id, save=save, force_sync=force_sync))
             except EngineBroken as exc:
                 raise SessionLost(str(exc)) from exc
             self.next_rollout = rollout_id + 1
@@ -85,12 +124,15 @@ class EngineSession:
     def evaluate(self, rollout_id: int) -> EvalResult:
         with self._lock:
             try:
-                return self.engine.evaluate(rollout_id)
+                return self._thread.run(lambda: self.engine.evaluate(rollout_id))
             except EngineBroken as exc:
                 raise SessionLost(str(exc)) from exc
 
     def close(self) -> None:
-        self.engine.close()
+        try:
+            self._thread.run(self.engine.close)
+        finally:
+            self._thread.stop()
 
     def placement(self) -> dict[str, str]:
         """Where this session runs: host, and the Slurm job and node when under Slurm."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from kimi_core import stages
 from kimi_core.exit_codes import REQUEUE_EXIT
 from kimi_core.run_state import latest_checkpoint
+from kimi_core.runtime import session as session_mod
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.fallback import _stages, run_in_allocation
 from kimi_core.runtime.ledger import RunLedger
@@ -102,3 +104,42 @@ def test_a_stop_request_before_the_engine_exists_starts_no_rollout(tmp_path: Pat
         p.name.startswith("iter_") for p in ledger.paths.checkpoints.iterdir())
     assert ledger.manifest.resume_history == [] and ledger.manifest.mlflow_run_id is None
     assert {"prepare_data", "acquire_model", "convert_checkpoint"} <= set(ledger.manifest.stages)  # kept for the requeue
+
+
+def test_the_session_runs_every_engine_call_on_one_thread_of_its_own(
+        tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls arriving on different threads (a threaded Ray actor's pool) all reach the engine on the
+    session's one engine thread, its construction included; an engine error comes back as itself."""
+    ledger = RunLedger(_ctx(tmp_path / "base", source, "threads"))
+    data, model = _stages(ledger)
+    seen: list[tuple[str, int]] = []
+
+    def spy(name: str, call):
+        def recorded(*args, **kwargs):
+            seen.append((name, threading.get_ident()))
+            return call(*args, **kwargs)
+        return recorded
+
+    monkeypatch.setattr(session_mod, "make_engine", spy("make_engine", session_mod.make_engine))
+    engine_session = session_mod.EngineSession(ledger.ctx, ledger.engine_inputs(data, model), num_threads=1)
+    for name in ("start", "train_rollout", "evaluate", "close"):
+        setattr(engine_session.engine, name, spy(name, getattr(engine_session.engine, name)))
+    assert engine_session.start() == 0
+    other = threading.Thread(target=engine_session.train_rollout, args=(0,), kwargs={"save": False, "force_sync": False})
+    other.start()
+    other.join()
+    assert engine_session.last is not None and engine_session.last.rollout_id == 0
+    assert "eval/arith" in engine_session.evaluate(0).metrics
+    with pytest.raises(session_mod.SessionOutOfStep):
+        engine_session.train_rollout(5, save=False, force_sync=False)
+    engine_session.engine.train_rollout = spy("train_rollout", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        engine_session.train_rollout(1, save=False, force_sync=False)
+    engine_session.close()
+    for thread in threading.enumerate():  # the engine thread ends after close
+        if thread.ident in {ident for _, ident in seen}:
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+    assert [name for name, _ in seen] == ["make_engine", "start", "train_rollout", "evaluate", "train_rollout", "close"]
+    threads = {ident for _, ident in seen}
+    assert len(threads) == 1 and threads.isdisjoint({threading.get_ident(), other.ident})
