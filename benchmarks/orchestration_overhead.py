@@ -6,10 +6,14 @@ the same checkpoint saves and the same evals, with the same torch thread count (
 * flow: `kimi-grpo run` in a subprocess (ephemeral Prefect unless `PREFECT_API_URL` is set; MLflow
   to the default sqlite file under the base dir): Prefect tasks per stage and per rollout, a local
   Ray head, the engine in a detached Ray actor, metrics logged to MLflow, the run manifest;
-* bare: the same rollout loop (`kimi_core.runtime.loop`) over a `LocalEngine` in this process:
-  the same saves (inside the rollout, with the same per-checkpoint metrics file) and evals, with
-  nothing logged. It runs once before and once after the flow (load on a shared machine drifts);
-  `bare_s` is the mean.
+* bare: the same rollout loop (`kimi_core.runtime.loop`) over a `LocalEngine` in a fresh Python
+  process of its own (this script with `--bare`), as the flow's engine runs in a fresh actor
+  process: the same saves (inside the rollout, with the same per-checkpoint metrics file) and
+  evals, with nothing logged. It runs once before and once after the flow (load on a shared
+  machine drifts); `bare_s` is the mean. A fresh process matters: one that has already run the
+  engine has its heap grown (the first rollouts of a new process touch fresh pages, which is slow
+  on a small VM), and one that imported megatron-core (the conversion) carries its objects
+  through every garbage collection.
 
 Overrides (printed at start; `--set` adds more, `--rollouts` sets the count, at least 20):
 
@@ -51,6 +55,8 @@ Last line: `RESULT flow_s=<a> bare_s=<b> ratio=<a/b> startup_s=<c>`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -210,7 +216,22 @@ def _startup_breakdown(lines: list[tuple[float, str]], started: float, first_sta
 
 
 # ---- the bare loop --------------------------------------------------------------------------
-def run_bare(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> Side:
+BARE_LINE = "BARE "
+
+
+def run_bare_process(args: argparse.Namespace, workdir: Path, run_name: str) -> Side:
+    """`bare_side` in a fresh process (this script with `--bare`); its `Side` comes back as JSON."""
+    cmd = [sys.executable, __file__, "--bare", run_name, "--workdir", str(workdir), "--rollouts", str(args.rollouts),
+           "--threads", str(args.threads), *(f"--set={item}" for item in args.overrides)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(BARE_LINE)]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"the bare loop {run_name} failed with exit code {done.returncode}")
+    return Side(**json.loads(lines[-1].removeprefix(BARE_LINE)))
+
+
+def bare_side(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> Side:
     """`LocalEngine` driven directly: train, save when due, eval when due.
 
     The engine runs on a worker thread, with torch's thread count set on the main thread, as in
@@ -243,7 +264,7 @@ class BareRecorder:
         return result
 
     def eval(self, result: EvalResult, *, log_metrics: bool) -> EvalResult:
-        self.eval_time[result.rollout_id] = result.metrics[EVAL_METRIC]
+        self.eval_time[result.rollout_id] = result.metrics.get(EVAL_METRIC, 0.0)  # 0 from an engine without it
         return result
 
 
@@ -276,12 +297,19 @@ def main() -> None:
     parser.add_argument("--fresh-databases", action="store_true",
                         help="let the flow create the Prefect and MLflow databases (a first run) inside its start-up")
     parser.add_argument("--verbose", action="store_true", help="echo the flow's console")
+    parser.add_argument("--bare", metavar="RUN_NAME", help=argparse.SUPPRESS)  # one bare loop (run_bare_process)
     args = parser.parse_args()
     if args.rollouts < 20:
         parser.error("--rollouts must be at least 20")
     overrides = [*OVERRIDES, *args.overrides]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orchestration-overhead-")).resolve()
     base_dir = workdir / "base"
+    if args.bare:
+        recipe = load_recipe(RECIPE, overrides=[*overrides, f"rollout.num_rollout={args.rollouts}"],
+                             base_dir=str(base_dir))
+        side = bare_side(recipe, base_dir, args.bare, threads=args.threads)
+        print(BARE_LINE + json.dumps(dataclasses.asdict(side)), flush=True)
+        return
     for name in ("flow", "bare-before", "bare-after"):
         if (base_dir / "runs" / name).exists():
             raise SystemExit(f"{base_dir / 'runs' / name} exists: use a fresh --workdir")
@@ -309,11 +337,11 @@ def main() -> None:
         print("created beforehand (not timed; a first run on a machine / base dir pays them): "
               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items()), flush=True)
 
-    bares = [run_bare(recipe, base_dir, "bare-before", threads=args.threads)]
+    bares = [run_bare_process(args, workdir, "bare-before")]
     print(f"bare loop (before the flow): {bares[0].rollout_s:.1f} s", flush=True)
     flow = run_flow(args, overrides, base_dir, env)
     print(f"flow: {flow.rollout_s:.1f} s", flush=True)
-    bares.append(run_bare(recipe, base_dir, "bare-after", threads=args.threads))
+    bares.append(run_bare_process(args, workdir, "bare-after"))
     print(f"bare loop (after the flow): {bares[1].rollout_s:.1f} s", flush=True)
     bare = Side("bare", bares[0].rollouts,
                 *(sum(getattr(b, f) for b in bares) / 2 for f in ("rollout_s", "startup_s", "engine_s", "eval_s")))
