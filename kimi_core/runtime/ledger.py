@@ -113,7 +113,7 @@ class RunLedger:
         """
         params = recipe_to_dict(self.recipe)
         params["rollout"] = {k: v for k, v in params["rollout"].items() if f"rollout.{k}" != RUN_LENGTH_KEY}
-        tracker = RunTracker()
+        tracker = RunTracker(background_metrics=True)  # the per-rollout metrics: off the loop's path
         run_id = tracker.open(
             tracking_uri=self.tracking_uri(), experiment=self.recipe.tracking.experiment,
             run_name=self.paths.run_name, run_id=self.manifest.mlflow_run_id, params=params,
@@ -135,7 +135,7 @@ class RunLedger:
             if self.manifest.mlflow_run_id is None or self.manifest.mlflow_tracking_uri is None:
                 raise RuntimeError("the MLflow run is not open yet")
             self._tracker = RunTracker.attach(tracking_uri=self.manifest.mlflow_tracking_uri,
-                                              run_id=self.manifest.mlflow_run_id)
+                                              run_id=self.manifest.mlflow_run_id, background_metrics=True)
         return self._tracker
 
     def tracking_running(self) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from kimi_core.runtime.tracking import (
     MAX_PARAM_VALUE,
@@ -192,3 +193,28 @@ def test_local_sqlite_store(tmp_path: Path, monkeypatch) -> None:
     assert not (tmp_path / "mlruns").exists()
     assert MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["resume_count"] == "1"
     again.close()
+
+
+def test_background_metrics_are_written_before_any_read_and_none_is_lost(mlflow_server: str) -> None:
+    """`background_metrics`: `log_metrics` returns before the write; a read or `close` through any
+    tracker of the process sees every earlier write; a write that failed is written again by the
+    next flush, and its error raised meanwhile (nothing dropped)."""
+    tracker = RunTracker(background_metrics=True)
+    tracker.open(tracking_uri=mlflow_server, experiment="kimi-background", run_name="bg", run_id=None,
+                 params={}, tags={})
+    for step in range(5):
+        tracker.log_metrics({"rollout/raw_reward": step / 10, "perf/step_time": 1.0}, step=step)
+    other = RunTracker.attach(tracking_uri=mlflow_server, run_id=tracker.run_id)  # another tracker, same process
+    history = other.client.get_metric_history(tracker.run_id, "rollout/raw_reward")
+    assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(5)]
+
+    direct = MlflowClient(mlflow_server)
+    direct.delete_run(tracker.run_id)  # writes to a deleted run fail
+    tracker.log_metrics({"rollout/raw_reward": 0.5}, step=5)  # returns: the failure comes later
+    for _ in range(2):  # raised by every flush until it is written
+        with pytest.raises(MlflowException):
+            tracker.client  # noqa: B018 - the property flushes
+    direct.restore_run(tracker.run_id)
+    history = tracker.client.get_metric_history(tracker.run_id, "rollout/raw_reward")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5]
+    tracker.close()
