@@ -25,7 +25,7 @@ Overrides (printed at start; `--set` adds more, `--rollouts` sets the count, at 
     eval.before_train=false          no eval before rollout 0 (it would count as start-up)
 
 Threads: `--threads` (default 1) is given to the flow's engine as `$KIMI_GRPO_THREADS` and set for
-the bare loop, whose engine calls run on a worker thread with `OMP_NUM_THREADS=1` in the
+the bare loop, whose engine calls run on one worker thread with `OMP_NUM_THREADS=1` in the
 environment, as in the Ray actor. One thread by default because a 2-thread OpenMP team is several
 times slower, and erratic, whenever another process takes a core, which made the two sides
 incomparable on a shared 2-core machine.
@@ -234,8 +234,8 @@ def run_bare_process(args: argparse.Namespace, workdir: Path, run_name: str) -> 
 def bare_side(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> Side:
     """`LocalEngine` driven directly: train, save when due, eval when due.
 
-    The engine runs on a worker thread, with torch's thread count set on the main thread, as in
-    the engine actor (a threaded Ray actor: its methods run on a pool thread). This matters: torch's
+    The engine runs on one worker thread, with torch's thread count set on the main thread, as in
+    the engine actor (its `EngineSession` runs every engine call on a thread of its own). This matters: torch's
     OpenMP settings are per thread, and on a loaded 2-core machine a 2-thread OpenMP team on the
     main thread is several times slower than what the actor runs.
     """
@@ -304,16 +304,14 @@ def main() -> None:
     overrides = [*OVERRIDES, *args.overrides]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orchestration-overhead-")).resolve()
     base_dir = workdir / "base"
+    recipe = load_recipe(RECIPE, overrides=[*overrides, f"rollout.num_rollout={args.rollouts}"], base_dir=str(base_dir))
     if args.bare:
-        recipe = load_recipe(RECIPE, overrides=[*overrides, f"rollout.num_rollout={args.rollouts}"],
-                             base_dir=str(base_dir))
         side = bare_side(recipe, base_dir, args.bare, threads=args.threads)
         print(BARE_LINE + json.dumps(dataclasses.asdict(side)), flush=True)
         return
     for name in ("flow", "bare-before", "bare-after"):
         if (base_dir / "runs" / name).exists():
             raise SystemExit(f"{base_dir / 'runs' / name} exists: use a fresh --workdir")
-    recipe = load_recipe(RECIPE, overrides=[*overrides, f"rollout.num_rollout={args.rollouts}"], base_dir=str(base_dir))
     plan = plan_run(recipe)
     print(f"recipe {RECIPE}, {args.rollouts} rollouts, {args.threads} torch thread(s), overrides: {' '.join(overrides)}")
     print(f"saves after {list(plan.save_after)}; evals after {[r for r in plan.eval_after if r < plan.num_rollout - 1]} "
