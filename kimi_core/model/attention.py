@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_core.model.config import ModelConfig
-from kimi_core.model.layers import RMSNorm, apply_rope
+from kimi_core.model.layers import FrozenWeight, RMSNorm, apply_rope
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps upstream, not rms_norm_eps
 
@@ -133,7 +133,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=False)
-        self._frozen: dict[str, torch.Tensor] | None = None
+        self._frozen: dict[str, FrozenWeight] | None = None
 
     def forward(
         self,
@@ -143,13 +143,15 @@ class MLAttention(nn.Module):
         bias: torch.Tensor,
         cache: MLACache | None,
         last_only: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x [B,T,D]``, complex rotations ``rope [B,T,r/2]``, additive ``bias [B,T,S]`` (0 / -inf).
 
         Output ``[B,T,D]``, or ``[B,1,D]`` for the last query only with ``last_only`` (keys, values
-        and the cache still cover all ``T`` new tokens)."""
+        and the cache still cover all ``T`` new tokens); plus ``residual`` (the output's shape)
+        when given."""
         if cache is not None and self._frozen is not None and not torch.is_grad_enabled():
-            return self._absorbed(x, rope=rope, bias=bias, cache=cache, last_only=last_only)
+            return self._absorbed(x, rope=rope, bias=bias, cache=cache, last_only=last_only, residual=residual)
         bsz, seq, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -174,7 +176,7 @@ class MLAttention(nn.Module):
             q, k, v.transpose(1, 2), attn_mask=bias.unsqueeze(1), scale=self.softmax_scale
         )
         projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim))
-        return projected
+        return projected if residual is None else residual + projected
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -200,25 +202,32 @@ class MLAttention(nn.Module):
         else:
             frozen = {"in_t": torch.cat([self.q_a_proj.weight.float(), kv_a]).t(), "q_t": q_t}
         frozen["o_t"] = o_t
-        self._frozen = {k: v.to(dtype).contiguous() for k, v in frozen.items()}
+        self._frozen = {k: FrozenWeight(v.to(dtype)) for k, v in frozen.items()}
 
     def thaw(self) -> None:
         self._frozen = None
 
     def _absorbed(
-        self, x: torch.Tensor, *, rope: torch.Tensor, bias: torch.Tensor, cache: MLACache, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        *,
+        rope: torch.Tensor,
+        bias: torch.Tensor,
+        cache: MLACache,
+        last_only: bool,
+        residual: torch.Tensor | None,
     ) -> torch.Tensor:
         """Cached attention on the latent with the absorbed weights (see ``freeze``); ``[B,T,D]``
-        (``[B,1,D]`` with ``last_only``)."""
+        (``[B,1,D]`` with ``last_only``), plus ``residual`` when given."""
         assert self._frozen is not None
         bsz, seq, _ = x.shape
         heads, kv, rope_dim = self.num_heads, self.kv_rank, self.rope_dim
-        first = self._frozen["in_t"].shape[1] - kv - rope_dim
-        q, c_kv, k_rope = torch.split(x @ self._frozen["in_t"], [first, kv, rope_dim], dim=-1)
+        first = self._frozen["in_t"].out_features - kv - rope_dim
+        q, c_kv, k_rope = torch.split(self._frozen["in_t"](x), [first, kv, rope_dim], dim=-1)
         if last_only:  # the latent covers all T tokens, queries only the last one
             q_last = q[:, -1:]
             if self.q_rank is not None:
-                q_last = self.q_a_layernorm(q_last) @ self._frozen["q_t"]
+                q_last = self._frozen["q_t"](self.q_a_layernorm(q_last))
             q_lat, q_rope = torch.split(q_last, [heads * kv, heads * rope_dim], dim=-1)
             k_rot = apply_rope(k_rope, rope)  # elementwise: the same numbers as the joint rotation
             q_rot = apply_rope(q_rope.view(bsz, 1, heads, rope_dim), rope[:, -1:].unsqueeze(2))
@@ -227,7 +236,7 @@ class MLAttention(nn.Module):
             bias, seq = bias[:, -1:], 1
         else:
             if self.q_rank is not None:
-                q = self.q_a_layernorm(q) @ self._frozen["q_t"]
+                q = self._frozen["q_t"](self.q_a_layernorm(q))
             q_lat, q_rope = torch.split(q, [heads * kv, heads * rope_dim], dim=-1)
             pairs = torch.cat([q_rope.view(bsz, seq, heads, rope_dim), k_rope.unsqueeze(2)], dim=2)
             rotated = apply_rope(pairs, rope.unsqueeze(2))  # [B,T,H+1,r]
@@ -239,4 +248,7 @@ class MLAttention(nn.Module):
             scores = torch.bmm(queries.view(bsz, seq * heads, -1), latent.transpose(1, 2))
             scores = (scores.view(bsz, seq, heads, -1) + bias.unsqueeze(2)).view(bsz, seq * heads, -1)
         ctx = torch.bmm(torch.softmax(scores, dim=-1), latent[..., :kv])
-        return ctx.view(bsz, seq, heads * kv) @ self._frozen["o_t"]
+        if residual is None:
+            return self._frozen["o_t"](ctx.view(bsz, seq, heads * kv))
+        out = self._frozen["o_t"].add_to(residual.reshape(bsz * seq, -1), ctx.view(bsz * seq, heads * kv))
+        return out.view(bsz, seq, -1)

@@ -22,7 +22,7 @@ from torch import nn
 
 from kimi_core.model.attention import MLACache, MLAttention
 from kimi_core.model.config import ModelConfig
-from kimi_core.model.layers import MLP, RMSNorm, RotaryEmbedding
+from kimi_core.model.layers import MLP, FrozenWeight, RMSNorm, RotaryEmbedding
 from kimi_core.model.moe import MoE, Router
 
 INIT_STD = 0.02
@@ -61,10 +61,12 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """``last_only``: keys/values (and the cache) cover every position, but only the last
         position's output ``[B,1,D]`` is computed (the top layer when only the last logits matter)."""
-        a = self.self_attn(self.input_layernorm(h), rope=rope, bias=bias, cache=cache, last_only=last_only)
-        h = (h[:, -1:] if last_only else h) + a
-        ffn: torch.Tensor = self.mlp(self.post_attention_layernorm(h))
-        return h + ffn
+        residual = h[:, -1:] if last_only else h
+        h = self.self_attn(
+            self.input_layernorm(h), rope=rope, bias=bias, cache=cache, last_only=last_only, residual=residual
+        )
+        out: torch.Tensor = self.mlp(self.post_attention_layernorm(h), residual=h)
+        return out
 
 
 class Backbone(nn.Module):
@@ -89,6 +91,7 @@ class KimiForCausalLM(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._frozen_head: FrozenWeight | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -116,9 +119,11 @@ class KimiForCausalLM(nn.Module):
         frozen = [m for m in self.modules() if m is not self and isinstance(m, _Freezable)]
         for module in frozen:
             module.freeze()
+        self._frozen_head = FrozenWeight(self.lm_head.weight.detach().t())
         try:
             yield self
         finally:
+            self._frozen_head = None
             for module in frozen:
                 module.thaw()
 
@@ -164,9 +169,15 @@ class KimiForCausalLM(nn.Module):
             h = layer(h, rope=rope, bias=bias, cache=cache, last_only=last_token_only and i == top)
         if cache is not None:
             cache.advance(seq, new_mask)
-        logits: torch.Tensor = self.lm_head(self.model.norm(h))
-        return logits
+        return self._head(self.model.norm(h))
 
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the final-normed hidden states (the frozen copy inside ``frozen_weights``)."""
+        if self._frozen_head is not None and not torch.is_grad_enabled():
+            return self._frozen_head(h)
+        logits: torch.Tensor = self.lm_head(h)
+        return logits
 
     def _decode_step(
         self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None, cache: MLACache
@@ -182,8 +193,7 @@ class KimiForCausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, rope=rope, bias=bias, cache=cache)
         cache.advance_one()
-        logits: torch.Tensor = self.lm_head(self.model.norm(h))
-        return logits
+        return self._head(self.model.norm(h))
 
 
 def _attention_bias(key_mask: torch.Tensor, *, past: int, seq: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Building blocks: RMSNorm, YaRN rotary embedding, SwiGLU MLP (HF names ``gate_proj``/``up_proj``/
-``down_proj``). The router and MoE block live in ``moe.py``.
+``down_proj``), and ``FrozenWeight``, the no-grad matmul of the frozen (sampling) path. The router
+and MoE block live in ``moe.py``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,57 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+ONEDNN_MIN_PRODUCT = 20_000
+"""rows x output features from which ``FrozenWeight`` uses oneDNN (see there)."""
+
+
+def _onednn_linear_available() -> bool:
+    available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # untyped upstream
+    return bool(available) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class FrozenWeight:
+    """``x @ W`` for one fixed ``W [in, out]`` in no-grad code: the frozen (sampling) path.
+
+    ATen's fp32 ``matmul`` on CPU calls MKL's sgemm, which repacks ``W`` on every call and, on AMD
+    CPUs, runs its AVX2 kernel. Where PyTorch has oneDNN (x86 builds), a ``[out, in]`` copy of the
+    weight is also kept for oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's
+    CPU weight freezing uses), and products of at least ``ONEDNN_MIN_PRODUCT`` rows x outputs go there:
+    ``benchmarks/gemm_paths.py`` measured it 1.5-1.9x faster at 256 rows and 2.0-2.3x at 1536 on a
+    2-core AMD EPYC, while for 32 rows x up to 256 outputs its ~10 us call overhead loses to MKL.
+    The threshold (about 160 rows at 128 outputs) is where whole ``generate`` calls got faster: at
+    32 rows oneDNN won isolated calls with 300-512 outputs, but not inside the decode loop.
+    The copy stays a plain tensor: reordering it once to oneDNN's blocked layout
+    (``_reorder_linear_weight``) made each freeze 4x slower for a few % per call. Both paths give the
+    same numbers up to float rounding. Other dtypes and devices use ``matmul`` only.
+    """
+
+    def __init__(self, weight_t: torch.Tensor) -> None:
+        self.weight_t = weight_t.contiguous()
+        self.onednn_weight: torch.Tensor | None = None  # W [out, in]
+        if weight_t.device.type == "cpu" and weight_t.dtype == torch.float32 and _onednn_linear_available():
+            self.onednn_weight = weight_t.t().contiguous()
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_t.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]``."""
+        rows = x.numel() // x.shape[-1]
+        if self.onednn_weight is not None and rows * self.out_features >= ONEDNN_MIN_PRODUCT:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, None, "none", [], "")
+            return out
+        return x @ self.weight_t
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + x @ W`` for 2-D ``x [N, in]`` and ``residual [N, out]`` in one call."""
+        if self.onednn_weight is not None and x.shape[0] * self.out_features >= ONEDNN_MIN_PRODUCT:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.onednn_weight, None, "add")
+            return out
+        return torch.addmm(residual, x, self.weight_t)
+
+
 def as_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x.float()`` without a dispatch when ``x`` is already fp32 (the decode loop calls it per layer)."""
     return x if x.dtype == torch.float32 else x.float()
@@ -118,8 +170,8 @@ def as_fp32(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``.
 
-    ``freeze()`` caches decode-friendly copies (``[D, 2I]`` gate|up and ``[I, D]`` down, both
-    pre-transposed) that no-grad forwards use until ``thaw()``; see ``KimiForCausalLM.frozen_weights``.
+    ``freeze()`` caches decode-friendly copies (``[D, 2I]`` gate|up and ``[I, D]`` down, as
+    ``FrozenWeight``) that no-grad forwards use until ``thaw()``; see ``KimiForCausalLM.frozen_weights``.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
@@ -127,19 +179,25 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self._frozen: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._frozen: tuple[FrozenWeight, FrozenWeight] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., D] -> [..., D]``; plus ``residual`` (same shape) when given."""
         if self._frozen is not None and not torch.is_grad_enabled():
-            gate, up = (x @ self._frozen[0]).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ self._frozen[1]
+            gate_up, down = self._frozen
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            hidden = F.silu(gate).mul_(up)
+            if residual is None:
+                return down(hidden)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            return down.add_to(residual.reshape(flat.shape[0], -1), flat).view(residual.shape)
         out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return out
+        return out if residual is None else residual + out
 
     @torch.no_grad()
     def freeze(self) -> None:
-        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
-        self._frozen = (gate_up, self.down_proj.weight.t().contiguous())
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
+        self._frozen = (FrozenWeight(gate_up), FrozenWeight(self.down_proj.weight.t()))
 
     def thaw(self) -> None:
         self._frozen = None

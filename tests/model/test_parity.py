@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from kimi_core.model import save_pretrained
+from kimi_core.model.layers import ONEDNN_MIN_PRODUCT, FrozenWeight
 
 TOL = 1e-5
 CASES = {
@@ -85,10 +86,10 @@ def test_frozen_weights_match_and_are_released(make_model) -> None:
             fused = model(ids, attention_mask=mask)  # 60 tokens: the batched expert path
             moe = model.model.layers[1].mlp
             x = torch.randn(700, cfg.hidden_size)  # above BATCHED_MAX_TOKENS: the loop path
-            assert torch.allclose(moe(x), moe._routed_loop(x, *moe.gate(x)) + moe.shared_experts(x), atol=1e-6)
+            assert torch.allclose(moe(x), moe._routed_loop(x, *moe.gate(x), into=moe.shared_experts(x)), atol=1e-6)
     real = mask.bool()
     assert (plain - fused)[real].abs().max() <= TOL
-    assert all(getattr(m, "_frozen", None) is None for m in model.modules())
+    assert all(getattr(m, "_frozen", None) is None for m in model.modules()) and model._frozen_head is None
 
 
 def test_padded_row_equals_unpadded_row(make_model) -> None:
@@ -110,3 +111,20 @@ def test_state_dict_keys_are_the_transformers_keys(make_model) -> None:
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in ours
     non_expert = {k for k in hf_model.state_dict() if ".mlp.experts." not in k}
     assert non_expert == {k for k in ours if ".mlp.experts." not in k}
+
+
+@pytest.mark.parametrize("rows", [3, 300])
+def test_frozen_weight_matches_matmul_below_and_above_the_onednn_threshold(rows: int) -> None:
+    """``FrozenWeight`` (the frozen path's matmul) gives ``x @ W`` and ``residual + x @ W`` on both of
+    its paths: MKL's ``matmul`` for small products, oneDNN (where built in) from
+    ``ONEDNN_MIN_PRODUCT`` rows x outputs."""
+    assert (rows * 64 >= ONEDNN_MIN_PRODUCT) == (rows == 300)
+    g = torch.Generator().manual_seed(rows)
+    w_t, x, residual = (torch.randn(*shape, generator=g) for shape in ((48, 64), (rows, 48), (rows, 64)))
+    frozen = FrozenWeight(w_t.t().contiguous().t())  # any layout in; a contiguous copy is kept
+    assert (frozen.onednn_weight is not None) == torch.backends.mkldnn.is_available()
+    assert torch.allclose(frozen(x), x @ w_t, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(frozen(x.view(rows, 1, 48)), (x @ w_t).view(rows, 1, 64), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(frozen.add_to(residual, x), residual + x @ w_t, atol=1e-5, rtol=1e-5)
+    half = FrozenWeight(w_t.bfloat16())
+    assert half.onednn_weight is None and torch.equal(half(x.bfloat16()), x.bfloat16() @ w_t.bfloat16())

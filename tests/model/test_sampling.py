@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kimi_core.model import generate, token_logprobs
+from kimi_core.model.sampling import exponential_like
 
 PAD = 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [20]]
@@ -94,3 +95,16 @@ def test_bad_arguments_are_rejected(make_model) -> None:
         token_logprobs(model, [[1, 2]], [0])
     empty = run(model, seed=0, max_new_tokens=0)
     assert empty.tokens == [[], [], [], []] and empty.truncated == [True] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exponential_like_equals_exponential_bit_for_bit(dtype: torch.dtype) -> None:
+    """The sampler's Exp(1) draws are ATen's ``exponential_`` numbers, and leave the generator in
+    the same state (the samples and the engine's bitwise resume depend on both)."""
+    for seed, shape in ((0, (1024, 301)), (1, (32, 300)), (2, (7, 97)), (3, (3,))):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            fast = exponential_like(torch.empty(shape, dtype=dtype), ours)
+            assert fast.dtype == dtype and fast.shape == shape
+            assert torch.equal(fast, torch.empty(shape, dtype=dtype).exponential_(generator=theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())
