@@ -109,12 +109,14 @@ class KimiForCausalLM(nn.Module):
     @contextmanager
     def frozen_weights(self) -> Iterator[KimiForCausalLM]:
         """Within the block, no-grad forwards use decode-friendly copies of the weights:
-        pre-transposed and fused projections (gate|up, q_a|kv_a), MLA with ``W_uk``/``W_uv``
-        absorbed into the query/output projections (cached calls), stacked routed experts.
+        pre-transposed and fused projections (gate|up, q_a|kv_a, the router with the shared
+        expert), MLA with ``W_uk``/``W_uv`` absorbed into the query/output projections (cached
+        calls), stacked routed experts, each matmul's weight also in oneDNN's layout
+        (``FrozenWeight``).
 
         ``generate`` uses it. The copies are taken on entry, so weights must not change inside
-        the block; they cost about twice the weights' memory while it lasts (the CPU/toy engine's
-        trade of memory for speed). Autograd-enabled calls ignore them.
+        the block; they cost about three times the weights' memory while it lasts (the CPU/toy
+        engine's trade of memory for speed). Autograd-enabled calls ignore them.
         """
         frozen = [m for m in self.modules() if m is not self and isinstance(m, _Freezable)]
         for module in frozen:
