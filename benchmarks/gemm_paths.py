@@ -66,7 +66,7 @@ def compare(rows: int, k: int, n: int) -> tuple[str, float, bool]:
     calls = max(20, 200_000 // (rows * n))
     mkl = per_call_us(lambda: x @ w_t, calls=calls)
     dnnl = per_call_us(lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""), calls=calls)
-    onednn = FrozenWeight(w_t).onednn_weight is not None and rows * n >= ONEDNN_MIN_PRODUCT
+    onednn = FrozenWeight(w_t).takes_onednn(rows)
     line = f"{f'{rows} x {k} x {n}':<18}{mkl:>11.1f}{dnnl:>11.1f}{mkl / dnnl:>9.2f}x  {'oneDNN' if onednn else 'matmul'}"
     return line, mkl / dnnl, onednn
 

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,7 +159,7 @@ def main() -> None:
         save_pretrained(KimiForCausalLM(cfg), cfg, tmp)
         for _ in range(args.rounds):
             for side in SIDES:
-                runs[side].append(side_in_subprocess(side, str(Path(tmp)), args))
+                runs[side].append(side_in_subprocess(side, tmp, args))
     new = args.max_new_tokens
     rows = args.batch
     same = sum(a == b for ra, rb in zip(runs["ours"][0]["greedy"], runs["transformers"][0]["greedy"])

@@ -173,7 +173,6 @@ class KimiForCausalLM(nn.Module):
             cache.advance(seq, new_mask)
         return self._head(self.model.norm(h))
 
-
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the final-normed hidden states (the frozen copy inside ``frozen_weights``)."""
         if self._frozen_head is not None and not torch.is_grad_enabled():

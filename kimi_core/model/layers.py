@@ -148,16 +148,20 @@ class FrozenWeight:
     def out_features(self) -> int:
         return self.weight_t.shape[1]
 
+    def takes_onednn(self, rows: int) -> bool:
+        """Whether a product with ``rows`` rows goes to oneDNN (see the class docstring)."""
+        return self.onednn_weight is not None and rows * self.out_features >= ONEDNN_MIN_PRODUCT
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``."""
         rows = x.numel() // x.shape[-1]
-        if self.onednn_weight is not None and rows * self.out_features >= ONEDNN_MIN_PRODUCT:
+        if self.takes_onednn(rows):
             return self._onednn(x.reshape(rows, -1)).view(*x.shape[:-1], self.out_features)
         return x @ self.weight_t
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``residual + x @ W`` for 2-D ``x [N, in]`` and ``residual [N, out]``."""
-        if self.onednn_weight is not None and x.shape[0] * self.out_features >= ONEDNN_MIN_PRODUCT:
+        if self.takes_onednn(x.shape[0]):
             return self._onednn(x).add_(residual)
         return torch.addmm(residual, x, self.weight_t)
 

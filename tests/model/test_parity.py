@@ -123,6 +123,7 @@ def test_frozen_weight_matches_matmul_below_and_above_the_onednn_threshold(rows:
     w_t, x, residual = (torch.randn(*shape, generator=g) for shape in ((48, 64), (rows, 48), (rows, 64)))
     frozen = FrozenWeight(w_t.t().contiguous().t())  # any layout in; a contiguous copy is kept
     assert (frozen.onednn_weight is not None) == torch.backends.mkldnn.is_available()
+    assert frozen.takes_onednn(rows) == (rows > 3 and torch.backends.mkldnn.is_available())
     assert torch.allclose(frozen(x), x @ w_t, atol=1e-5, rtol=1e-5)
     assert torch.allclose(frozen(x.view(rows, 1, 48)), (x @ w_t).view(rows, 1, 64), atol=1e-5, rtol=1e-5)
     assert torch.allclose(frozen.add_to(residual, x), residual + x @ w_t, atol=1e-5, rtol=1e-5)
