@@ -37,6 +37,11 @@ carry `perf/step_time` (the orchestrator's wall seconds of that rollout's step) 
 its end, so the first start is `timestamp - step_time` of the first rollout and the last end is
 the timestamp of the last. `engine_s` is the engine's own sampling + training time in the window
 (its `perf/rollout_time` + `perf/train_time`), which separates a slower engine from orchestration.
+The CPU table (`ProcessSampler`) shows what each process of a side used inside its window: the
+engine's process (the actor, or the bare loop's process) with its minor page faults and involuntary
+context switches, and, in the flow, the Prefect server, the CLI (Prefect client, MLflow logging), the
+Ray head's processes and other workers. An engine that is slower inside the flow with as much CPU
+but many more involuntary switches was waiting for a core, not working more.
 `startup_s` is the flow's one-time start-up: process start of `kimi-grpo run` to the first
 rollout's start (Python imports, Prefect, the data / model / conversion stages, the Ray head, the
 engine actor with its model load, the MLflow run); its breakdown comes from the arrival times of
@@ -108,6 +113,106 @@ class Side:
     engine_s: float  # the engine's own sampling + training seconds (its perf/ metrics), saves and evals excluded
     eval_s: float = 0.0  # the engine's own seconds in the evals of the window
     notes: dict[str, float] = field(default_factory=dict)
+    window: tuple[float, float] = (0.0, 0.0)  # (first rollout start, last rollout end), epoch seconds
+    cpu: dict[str, float] = field(default_factory=dict)  # `ProcessSampler.window_table` of the window
+
+
+# ---- where the CPU goes -----------------------------------------------------------------------
+def _process_kind(cmdline: str) -> str:
+    """The row of the CPU table a process counts in (its command line when first seen)."""
+    if "uvicorn" in cmdline and "prefect" in cmdline:
+        return "Prefect server"
+    if "flows.cli" in cmdline or "--bare" in cmdline:
+        return "flow CLI" if "flows.cli" in cmdline else "engine"
+    if "default_worker" in cmdline or cmdline.startswith("ray::"):
+        return "Ray workers"
+    if "ray" in cmdline:
+        return "Ray head processes"
+    return "other"
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(minor page faults, involuntary context switches) of all threads of `pid` (Linux /proc), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()  # the process's faults, all threads
+        statuses = [task.read_text() for task in Path(f"/proc/{pid}/task").glob("*/status")]  # per thread
+    except OSError:
+        return None
+    minflt = int(stat[stat.rindex(")") + 2:].split()[7])
+    switches = sum(int(line.split()[1]) for status in statuses for line in status.splitlines()
+                   if line.startswith("nonvoluntary_ctxt_switches"))
+    return minflt, switches
+
+
+class ProcessSampler:
+    """Samples CPU seconds (and, on Linux, minor faults and involuntary context switches) of a process
+    and all its descendants every `interval_s` on a thread, so that what each used inside a time
+    window can be read afterwards: the flow's window shows whether a slower engine was starved
+    (preempted by the other processes) or did more work, and what the orchestration itself costs.
+    Counters are cumulative, so a window's figure is the difference of the samples that bracket it
+    (a process first seen inside the window counts from 0). The sampling costs ~1% of a core; both
+    sides are sampled alike."""
+
+    def __init__(self, root_pid: int, *, interval_s: float = 0.25) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(root_pid)
+        self.interval_s = interval_s
+        self.series: dict[int, tuple[str, list[tuple[float, float, int, int]]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+        self.sample()
+
+    def sample(self) -> None:
+        psutil = self._psutil
+        now = time.time()
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                if proc.pid not in self.series:
+                    self.series[proc.pid] = (_process_kind(" ".join(proc.cmdline())), [])
+            except psutil.Error:
+                continue
+            faults, switches = _proc_stat(proc.pid) or (0, 0)
+            self.series[proc.pid][1].append((now, times.user + times.system, faults, switches))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window_table(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by process kind inside [start, end], plus the engine's faults and switches."""
+        out: dict[str, float] = {}
+        engine: tuple[float, int, int] = (0.0, 0, 0)
+        for kind, points in self.series.values():
+            before = [p for p in points if p[0] <= start]
+            inside = [p for p in points if p[0] <= end]
+            if not inside or points[-1][0] < start:
+                continue
+            first = before[-1] if before else (start, 0.0, 0, 0)
+            last = inside[-1]
+            used = (last[1] - first[1], last[2] - first[2], last[3] - first[3])
+            if kind == "Ray workers" and used[0] > engine[0]:  # the engine actor: the busiest worker
+                out[kind] = out.get(kind, 0.0) + engine[0]
+                engine = used
+                continue
+            if kind == "engine":
+                engine = used
+                continue
+            out[kind] = out.get(kind, 0.0) + used[0]
+        return {"engine": engine[0], "engine minor faults": engine[1], "engine involuntary switches": engine[2],
+                **{kind: out[kind] for kind in sorted(out)}}
 
 
 # ---- the flow -------------------------------------------------------------------------------
@@ -154,19 +259,23 @@ def run_flow(args: argparse.Namespace, overrides: list[str], base_dir: Path, env
     lines: list[tuple[float, str]] = []
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = ProcessSampler(proc.pid)
     pumps = [threading.Thread(target=_pump, args=(stream, lines, args.verbose), daemon=True)
              for stream in (proc.stdout, proc.stderr)]
     for pump in pumps:
         pump.start()
     code = proc.wait()
+    sampler.stop()
     for pump in pumps:
         pump.join()
     if code != 0:
         sys.stderr.write("\n".join(line for _, line in lines[-60:]) + "\n")
         raise SystemExit(f"the flow failed with exit code {code}")
     first_start, last_end, n, engine_s, eval_s = _flow_window(base_dir, "flow")
-    side = Side("flow", n, last_end - first_start, first_start - started, engine_s, eval_s)
+    side = Side("flow", n, last_end - first_start, first_start - started, engine_s, eval_s,
+                window=(first_start, last_end))
     side.notes = _startup_breakdown(lines, started, first_start)
+    side.cpu = sampler.window_table(first_start, last_end)
     return side
 
 
@@ -223,12 +332,18 @@ def run_bare_process(args: argparse.Namespace, workdir: Path, run_name: str) -> 
     """`bare_side` in a fresh process (this script with `--bare`); its `Side` comes back as JSON."""
     cmd = [sys.executable, __file__, "--bare", run_name, "--workdir", str(workdir), "--rollouts", str(args.rollouts),
            "--threads", str(args.threads), *(f"--set={item}" for item in args.overrides)]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(BARE_LINE)]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
-        raise SystemExit(f"the bare loop {run_name} failed with exit code {done.returncode}")
-    return Side(**json.loads(lines[-1].removeprefix(BARE_LINE)))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = ProcessSampler(proc.pid)
+    stdout, stderr = proc.communicate()
+    sampler.stop()
+    lines = [line for line in stdout.splitlines() if line.startswith(BARE_LINE)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(stdout[-3000:] + stderr[-3000:])
+        raise SystemExit(f"the bare loop {run_name} failed with exit code {proc.returncode}")
+    fields = json.loads(lines[-1].removeprefix(BARE_LINE))
+    side = Side(**{**fields, "window": tuple(fields["window"])})
+    side.cpu = sampler.window_table(*side.window)
+    return side
 
 
 def bare_side(recipe: Recipe, base_dir: Path, run_name: str, *, threads: int) -> Side:
@@ -283,7 +398,29 @@ def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dic
     engine.close()
     return Side(paths.run_name, recorder.rollouts, recorder.last_end - recorder.first_start,
                 recorder.first_start - started, recorder.engine_s,
-                sum(t for r, t in recorder.eval_time.items() if r < recorder.rollouts - 1))  # the window's evals
+                sum(t for r, t in recorder.eval_time.items() if r < recorder.rollouts - 1),  # the window's evals
+                window=(recorder.first_start, recorder.last_end))
+
+
+def print_cpu_table(sides: list[Side]) -> None:
+    """What each side's processes used inside its rollout window (`ProcessSampler`)."""
+    rows = list(dict.fromkeys(key for side in sides for key in side.cpu))
+    print("\nCPU inside the rollout window, by process (seconds, sampled every 0.25 s):")
+    print(f"  {'':<30}" + "".join(f"{side.name:>13}" for side in sides))
+    for row in [*rows, "total CPU s", "wall s"]:
+        cells = []
+        for side in sides:
+            if row == "total CPU s":
+                value: float | None = sum(v for k, v in side.cpu.items() if not k.startswith("engine ")) or None
+            elif row == "wall s":
+                value = side.rollout_s
+            else:
+                value = side.cpu.get(row)
+            integer = row.startswith("engine ")
+            cells.append(f"{'-':>13}" if value is None else f"{value:>13.0f}" if integer else f"{value:>13.2f}")
+        print(f"  {row:<30}" + "".join(cells))
+    print("  (engine: the engine actor's process in the flow, the bare loop's process; its minor page faults and "
+          "involuntary context switches, all threads)")
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -354,6 +491,7 @@ def main() -> None:
     print(f"\norchestration overhead: {(flow.rollout_s - bare.rollout_s) / flow.rollouts * 1000:.0f} ms per rollout "
           f"({(flow.rollout_s - flow.engine_s - bare.rollout_s + bare.engine_s) / flow.rollouts * 1000:.0f} ms "
           "outside the engine's own sampling and training)")
+    print_cpu_table([flow, *bares])
     print("flow start-up (process start -> first rollout):")
     for phase, seconds in flow.notes.items():
         print(f"  {phase:<42} {seconds:>6.1f} s")
