@@ -118,12 +118,15 @@ class Side:
 
 
 # ---- where the CPU goes -----------------------------------------------------------------------
+SAMPLE_INTERVAL_S = 0.25  # `ProcessSampler`'s period
 def _process_kind(cmdline: str) -> str:
     """The row of the CPU table a process counts in (its command line when first seen)."""
     if "uvicorn" in cmdline and "prefect" in cmdline:
         return "Prefect server"
-    if "flows.cli" in cmdline or "--bare" in cmdline:
-        return "flow CLI" if "flows.cli" in cmdline else "engine"
+    if "flows.cli" in cmdline:
+        return "flow CLI"
+    if "--bare" in cmdline:
+        return "engine"
     if "default_worker" in cmdline or cmdline.startswith("ray::"):
         return "Ray workers"
     if "ray" in cmdline:
@@ -153,7 +156,7 @@ class ProcessSampler:
     (a process first seen inside the window counts from 0). The sampling costs ~1% of a core; both
     sides are sampled alike."""
 
-    def __init__(self, root_pid: int, *, interval_s: float = 0.25) -> None:
+    def __init__(self, root_pid: int, *, interval_s: float = SAMPLE_INTERVAL_S) -> None:
         import psutil
 
         self._psutil = psutil
@@ -192,25 +195,22 @@ class ProcessSampler:
         self._thread.join()
 
     def window_table(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds by process kind inside [start, end], plus the engine's faults and switches."""
-        out: dict[str, float] = {}
-        engine: tuple[float, int, int] = (0.0, 0, 0)
+        """CPU seconds by process kind inside [start, end], plus the engine's faults and switches.
+        The engine is the bare loop's process, or in the flow the busiest Ray worker (the actor)."""
+        used: list[tuple[str, tuple[float, int, int]]] = []  # (kind, (cpu s, faults, switches)) per process
         for kind, points in self.series.values():
-            before = [p for p in points if p[0] <= start]
             inside = [p for p in points if p[0] <= end]
             if not inside or points[-1][0] < start:
                 continue
-            first = before[-1] if before else (start, 0.0, 0, 0)
+            first = next((p for p in reversed(points) if p[0] <= start), (start, 0.0, 0, 0))
             last = inside[-1]
-            used = (last[1] - first[1], last[2] - first[2], last[3] - first[3])
-            if kind == "Ray workers" and used[0] > engine[0]:  # the engine actor: the busiest worker
-                out[kind] = out.get(kind, 0.0) + engine[0]
-                engine = used
-                continue
-            if kind == "engine":
-                engine = used
-                continue
-            out[kind] = out.get(kind, 0.0) + used[0]
+            used.append((kind, (last[1] - first[1], last[2] - first[2], last[3] - first[3])))
+        engines = [u for kind, u in used if kind == "engine"] or [u for kind, u in used if kind == "Ray workers"]
+        engine = max(engines, default=(0.0, 0, 0))
+        out: dict[str, float] = {}
+        for kind, u in used:
+            if u is not engine:
+                out[kind] = out.get(kind, 0.0) + u[0]
         return {"engine": engine[0], "engine minor faults": engine[1], "engine involuntary switches": engine[2],
                 **{kind: out[kind] for kind in sorted(out)}}
 
@@ -405,7 +405,7 @@ def _bare_loop(recipe: Recipe, paths: RunPaths, data: dict[str, Any], model: dic
 def print_cpu_table(sides: list[Side]) -> None:
     """What each side's processes used inside its rollout window (`ProcessSampler`)."""
     rows = list(dict.fromkeys(key for side in sides for key in side.cpu))
-    print("\nCPU inside the rollout window, by process (seconds, sampled every 0.25 s):")
+    print(f"\nCPU inside the rollout window, by process (seconds, sampled every {SAMPLE_INTERVAL_S} s):")
     print(f"  {'':<30}" + "".join(f"{side.name:>13}" for side in sides))
     for row in [*rows, "total CPU s", "wall s"]:
         cells = []
