@@ -211,7 +211,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     from flows.checks import check_scheduler  # noqa: PLC0415 - `validate` needs no Slurm modules
     from kimi_core.run_state import RunPaths  # noqa: PLC0415 - `validate` needs no run state
     from kimi_core.runtime.failures import NotRunnableHere  # noqa: PLC0415
-    from kimi_core.runtime.ledger import tracking_uri_for  # noqa: PLC0415
+    from kimi_core.runtime.tracking_uri import tracking_uri_for  # noqa: PLC0415
 
     try:  # checked here, before anything is written or submitted; the scheduler is asked last
         tracking_uri_for(recipe, RunPaths.of(recipe.cluster.base_dir or ".", args.run_name or recipe.name))

@@ -18,15 +18,15 @@ import yaml
 from kimi_core import stages
 from kimi_core.engines import engine_name
 from kimi_core.engines.base import ROLLOUT_METRICS_FILE, EngineInputs, TrackingTarget
-from kimi_core.recipe import Recipe, plan_run, recipe_hash, recipe_to_dict
-from kimi_core.run_state import RunPaths, checkpoint_dir, latest_checkpoint
+from kimi_core.recipe import plan_run, recipe_hash, recipe_to_dict
+from kimi_core.run_state import checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
-from kimi_core.runtime.failures import NotRunnableHere
 from kimi_core.runtime.loop import RolloutLoop, Session, StopRequest
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.runtime.progress import Progress, console
 from kimi_core.runtime.recording import STEP_TIME_METRIC, RunRecorder
-from kimi_core.runtime.tracking import RunTracker, git_sha, resolve_tracking_uri
+from kimi_core.runtime.tracking import RunTracker, git_sha
+from kimi_core.runtime.tracking_uri import tracking_uri_for
 
 #: The recipe field that says how far a run goes: it may grow when a run is extended
 #: (`--num-rollout`), so MLflow gets it as a tag, not as a param (params cannot change).
@@ -36,21 +36,6 @@ RUN_LENGTH_KEY = "rollout.num_rollout"
 def cache_key(*parts: Any) -> str:
     """A stable key of JSON-able parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def tracking_uri_for(recipe: Recipe, paths: RunPaths) -> str:
-    """The run's MLflow tracking URI: `tracking.tracking_uri`, unless `$MLFLOW_TRACKING_URI` is set,
-    else the sqlite file under the base dir. Several GPU nodes need a tracking server (their
-    processes log from different nodes; sqlite's locking does not hold on a shared filesystem):
-    `NotRunnableHere` when they would get a file."""
-    configured = recipe.tracking.tracking_uri
-    uri = configured if configured and not os.environ.get("MLFLOW_TRACKING_URI") else resolve_tracking_uri(paths.mlflow_db)
-    c = recipe.cluster
-    if c.accelerator == "gpu" and c.num_nodes > 1 and not uri.startswith(("http://", "https://")):
-        raise NotRunnableHere(
-            f"cluster.num_nodes = {c.num_nodes} GPU nodes need an MLflow tracking server, but the run would log to "
-            f"{uri}: export MLFLOW_TRACKING_URI=http://host:5000 or set tracking.tracking_uri")
-    return uri
 
 
 class RunLedger:

@@ -10,8 +10,8 @@ from kimi_core.recipe import RecipeError, RunPlan, plan_run, recipe_hash
 from kimi_core.run_state import RunPaths, checkpoint_dir, latest_checkpoint
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.failures import NotRunnableHere
-from kimi_core.runtime.ledger import tracking_uri_for
 from kimi_core.runtime.manifest import Manifest
+from kimi_core.runtime.tracking_uri import tracking_uri_for
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def resolve_tracking_uri(default_sqlite_path: str | os.PathLike[str]) -> str:
-    """`$MLFLOW_TRACKING_URI` when set, else `sqlite:////abs/path/mlflow.db`."""
-    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if from_env:
-        return from_env
-    path = Path(default_sqlite_path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def git_sha(repo_dir: str | os.PathLike[str] = ".") -> str:
     """`git rev-parse HEAD` of `repo_dir`, or "unknown" outside a git checkout."""
     try:

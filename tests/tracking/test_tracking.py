@@ -14,9 +14,9 @@ from kimi_core.runtime.tracking import (
     MAX_PARAM_VALUE,
     RunTracker,
     flatten,
-    resolve_tracking_uri,
     sanitize_metric_name,
 )
+from kimi_core.runtime.tracking_uri import resolve_tracking_uri
 
 RECIPE = {
     "model": {"name": "tiny-kimi", "num_layers": 2, "moe": {"num_experts": 8, "top_k": 2}},
