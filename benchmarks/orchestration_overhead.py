@@ -312,6 +312,7 @@ def _startup_breakdown(lines: list[tuple[float, str]], started: float, first_sta
     head = spans.pop("Ray head", None)
     out = {"python imports, recipe check": cli - started}
     if head is not None:  # started beside the stages, off the critical path while they take longer
+        out["(Ray head started, after the process start)"] = head[0] - started
         out["(Ray head, in parallel with the stages)"] = head[1] - head[0]
     if spans:
         first, last = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
