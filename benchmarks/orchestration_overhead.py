@@ -115,6 +115,7 @@ class Side:
     notes: dict[str, float] = field(default_factory=dict)
     window: tuple[float, float] = (0.0, 0.0)  # (first rollout start, last rollout end), epoch seconds
     cpu: dict[str, float] = field(default_factory=dict)  # `ProcessSampler.window_table` of the window
+    startup_cpu: dict[str, float] = field(default_factory=dict)  # the same for the start-up (flow only)
 
 
 # ---- where the CPU goes -----------------------------------------------------------------------
@@ -276,6 +277,7 @@ def run_flow(args: argparse.Namespace, overrides: list[str], base_dir: Path, env
                 window=(first_start, last_end))
     side.notes = _startup_breakdown(lines, started, first_start)
     side.cpu = sampler.window_table(first_start, last_end)
+    side.startup_cpu = sampler.window_table(started, first_start)
     return side
 
 
@@ -496,6 +498,11 @@ def main() -> None:
     print("flow start-up (process start -> first rollout):")
     for phase, seconds in flow.notes.items():
         print(f"  {phase:<42} {seconds:>6.1f} s")
+    print(f"CPU in the start-up, by process ({flow.startup_s:.1f} s wall, 2 x that on 2 cores at most):")
+    for kind, seconds in flow.startup_cpu.items():
+        if not kind.startswith("engine "):
+            print(f"  {'engine actor' if kind == 'engine' else kind:<42} {seconds:>6.1f} s")
+    print(f"  {'total':<42} {sum(v for k, v in flow.startup_cpu.items() if not k.startswith('engine ')):>6.1f} s")
     print(f"RESULT flow_s={flow.rollout_s:.2f} bare_s={bare.rollout_s:.2f} ratio={flow.rollout_s / bare.rollout_s:.3f} "
           f"startup_s={flow.startup_s:.1f}")
 

@@ -17,7 +17,8 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from kimi_core.recipe import recipe_hash
+from kimi_core.engines import engine_name
+from kimi_core.recipe import Recipe, recipe_hash
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.manifest import Manifest
 from kimi_core.runtime.progress import console
@@ -35,13 +36,28 @@ from kimi_core.runtime.ray_local import (
 BRING_UP = "bring_up_cluster"
 #: Seconds after its owner stops touching the lease that a loopback head ends itself.
 LOCAL_LEASE_S = 30.0
+#: The loopback head's CPUs: its one actor (the engine session) asks for 1, and the raylet starts
+#: as many idle workers as CPUs ahead of time, so a second CPU was a second worker booting beside
+#: the run's start-up for nothing.
+LOCAL_NUM_CPUS = 1
 #: Starts of a loopback head (each with newly picked ports) before bring-up gives up.
 LOCAL_START_ATTEMPTS = 3
 
 
-def start_head(manifest: Manifest, run_dir: Path) -> RayHead:
+def preload_modules(recipe: Recipe) -> tuple[str, ...]:
+    """What the run's head has its workers import ahead of time: for the local engine, the engine
+    session and the engine (torch with them), so that the engine actor lands on the head's idle
+    worker with its imports done while the stages ran. None for miles, whose actor has a runtime
+    env of its own (a worker of its own) and imports what miles needs."""
+    if engine_name(recipe) != "local":
+        return ()
+    return ("kimi_core.runtime.session", "kimi_core.engines.local")
+
+
+def start_head(manifest: Manifest, run_dir: Path, *, preload: tuple[str, ...] = ()) -> RayHead:
     """A Ray head on loopback for the run. A head recorded by an earlier process of this run (a killed
-    CLI, a crashed flow) is stopped first: one head per run, owned by the process that runs it."""
+    CLI, a crashed flow) is stopped first: one head per run, owned by the process that runs it.
+    `preload`: `preload_modules` of the run's recipe."""
     release_recorded_head(manifest)
     started = time.perf_counter()
     low, high = worker_port_range()
@@ -54,10 +70,10 @@ def start_head(manifest: Manifest, run_dir: Path) -> RayHead:
     lease = keep_lease(run_dir / "ray" / "lease", lease_timeout_s=LOCAL_LEASE_S)
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
-            head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=2,
+            head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=LOCAL_NUM_CPUS,
                                         object_store_memory=256 * 1024**2, min_worker_port=low,
                                         max_worker_port=high, lease_path=lease, lease_timeout_s=LOCAL_LEASE_S,
-                                        on_spawn=record)
+                                        on_spawn=record, preload_modules=preload)
             break
         except (ValueError, RuntimeError) as exc:
             # The head's ports are free when picked, but another process may take one before Ray binds
@@ -110,7 +126,7 @@ def start_early(ctx: RunContext) -> bool:
 
     def run() -> None:
         try:
-            future.set_result(start_head(manifest, paths.run_dir))
+            future.set_result(start_head(manifest, paths.run_dir, preload=preload_modules(recipe)))
         except BaseException as exc:  # handed to whoever adopts or stops it
             future.set_exception(exc)
 

@@ -1,13 +1,14 @@
 """A Ray head on loopback for the local recipe and tests, started and stopped by pid.
 
-`ray start --head --block` runs as our child in its own session (process group); every Ray
+The head's process (`ray_head_process`: Ray's node with only what a local run uses, in the manner
+of `ray start --head --block`) runs as our child in its own session (process group); every Ray
 process of this head (GCS, raylet, workers, agents) descends from it. Stopping sends SIGTERM to
 that root (Ray drains and stops its children), then SIGKILLs whatever of the recorded tree or
 process group is left. Never `ray stop` or a kill by name: other Ray clusters may share the host.
 
 Because the head has its own session, a kill of the owner's process group does not reach it. With
 a lease (`lease_path=`), the root is instead the lease watchdog (`kimi_core.runtime.ray_lease`),
-which runs `ray start` as its child and ends the whole head once the owner stops touching the
+which runs the head's process as its child and ends the whole head once the owner stops touching the
 lease file (`LeaseKeeper`) for `lease_timeout_s` — so a head outlives a SIGKILLed owner by a
 bounded time, also when the kill lands during start-up. `on_spawn` hands the head to the caller
 right after spawning, before the (seconds long) wait for readiness, so it can be recorded first.
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -31,15 +32,9 @@ from typing import Self
 import psutil
 
 from kimi_core.recipe.sections import LOCAL_HEAD_WORKER_PORTS
+from kimi_core.runtime import ray_head_process
+from kimi_core.runtime.ray_head_process import READY_LINE
 from kimi_core.runtime.ray_lease import watchdog_command
-
-_READY_LINE = "This command will now block forever"
-_PROBE = (
-    "import sys, ray\n"
-    "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
-    "assert any(n['Alive'] for n in ray.nodes())\n"
-    "ray.shutdown()\n"
-)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,8 +107,8 @@ def ray_env() -> dict[str, str]:
 class RayHead:
     """A running head: `address` is `127.0.0.1:PORT` (GCS); `pid` is the root of its processes.
 
-    The root is the `ray start` process, or, for a leased head (`lease_path` set), the lease
-    watchdog that runs `ray start` as its child. Serialised with `dataclasses.asdict` and rebuilt
+    The root is the head's process (`ray_head_process`), or, for a leased head (`lease_path` set),
+    the lease watchdog that runs it as its child. Serialised with `dataclasses.asdict` and rebuilt
     with `RayHead(**d)`; fields added later have defaults so older records still load.
     """
 
@@ -131,7 +126,7 @@ class RayHead:
 
 
 def _head_processes(head: RayHead) -> set[int]:
-    """Live pids of `head`: the root (`ray start` or the lease watchdog; checked by its command
+    """Live pids of `head`: the root (the head's process or the lease watchdog; checked by its command
     line, so a reused pid is never touched), its descendants, and members of its process group
     (orphans keep the group; Linux does not reuse a pid while a group of that id exists)."""
     pids: set[int] = set()
@@ -159,32 +154,22 @@ def _is_running(pid: int) -> bool:
         return False
 
 
-def _ray_command(
+def head_command(
     *, temp_dir: str, ports: dict[str, int], num_cpus: int, object_store_memory: int
 ) -> list[str]:
-    ray_script = Path(sys.executable).with_name("ray")
+    """The argv of the head's process (`ray_head_process`, run by its file path: see its docstring)."""
     return [
-        str(ray_script),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={ports['gcs']}",
+        sys.executable,
+        "-P",
+        str(Path(ray_head_process.__file__).resolve()),
         f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        # No autoscaler monitor: a one-node loopback head never scales (`ray start`'s hidden flag,
-        # Ray 2.60), and on 2 cores its start-up is time the head is not ready.
-        "--no-monitor",
-        "--include-dashboard=false",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={ports['dashboard']}",
-        f"--ray-client-server-port={ports['client_server']}",
-        f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
+        f"--port={ports['gcs']}",
+        f"--num-cpus={num_cpus}",
+        f"--object-store-memory={object_store_memory}",
         f"--min-worker-port={ports['min_worker']}",
         f"--max-worker-port={ports['max_worker']}",
-        f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
-        f"--object-store-memory={object_store_memory}",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
     ]
 
 
@@ -291,6 +276,7 @@ def start_local_ray_head(
     lease_path: str | os.PathLike[str] | None = None,
     lease_timeout_s: float = 30.0,
     on_spawn: Callable[[RayHead], None] | None = None,
+    preload_modules: Sequence[str] = (),
 ) -> RayHead:
     """Start a head on 127.0.0.1 and wait (bounded) until a driver can `ray.init` to it.
 
@@ -307,17 +293,19 @@ def start_local_ray_head(
     `on_spawn(head)` is called right after the head's processes are spawned and before waiting
     for readiness, so the caller can record the head (e.g. in the run manifest) before anything
     slow happens. If it raises, the head is stopped and the error propagates.
+
+    `preload_modules`: what every worker of the head imports before it takes work (Ray's
+    `preload_python_modules` setting); the raylet starts one idle worker per CPU ahead of time.
     """
     if len(temp_dir) > 40:
         raise ValueError(f"temp_dir {temp_dir!r} is too long for Ray's Unix sockets (keep <= 40)")
     if not 1024 < min_worker_port < max_worker_port < 65536:
         raise ValueError(f"worker ports [{min_worker_port}, {max_worker_port}] are not a range")
     given = [port] if dashboard_port is None else [port, dashboard_port]
-    picked = iter(free_ports(4 - len(given), besides=given))
+    picked = iter(free_ports(3 - len(given), besides=given))
     ports = {
         "gcs": port,
         "dashboard": dashboard_port or next(picked),
-        "client_server": next(picked),
         "dashboard_agent": next(picked),
         "min_worker": min_worker_port,
         "max_worker": max_worker_port,
@@ -328,13 +316,15 @@ def start_local_ray_head(
     if is_alive(f"127.0.0.1:{port}", timeout_s=1.0) or not can_bind(port):
         raise ValueError(f"port {port} on 127.0.0.1 is already in use; pick another (free_port())")
     os.makedirs(temp_dir, exist_ok=True)
-    log_path = os.path.join(temp_dir, "ray-start.log")
-    command = _ray_command(
+    log_path = os.path.join(temp_dir, "ray-head.log")
+    command = head_command(
         temp_dir=temp_dir, ports=ports, num_cpus=num_cpus, object_store_memory=object_store_memory
     )
     # No drain on SIGTERM: a local head has no Serve replicas to migrate; stop promptly. Workers at
     # normal priority (Ray's default is nice 15): on a shared machine the engine actor is the work.
     env = {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_worker_niceness": "0"}
+    if preload_modules:
+        env["RAY_preload_python_modules"] = ",".join(preload_modules)
     lease: str | None = None
     keeper: LeaseKeeper | None = None
     if lease_path is not None:
@@ -342,7 +332,7 @@ def start_local_ray_head(
             raise ValueError(f"lease_timeout_s must be > 0, not {lease_timeout_s}")
         lease = os.path.abspath(lease_path)
         touch_lease(lease)
-        # the watchdog is the session leader; `ray start` runs as its child in the same group
+        # the watchdog is the session leader; the head's process runs as its child in the same group
         # and writes to the same log (the watchdog's own lines are prefixed `[ray_lease PID]`)
         command = watchdog_command(lease, lease_timeout_s, command)
         keeper = LeaseKeeper(lease, lease_timeout_s=lease_timeout_s)
@@ -378,10 +368,11 @@ def _log_tail(path: str, lines: int = 25) -> str:
 
 
 def _wait_ready(head: RayHead, proc: subprocess.Popen[bytes], *, deadline: float) -> None:
-    while _READY_LINE not in Path(head.log_path).read_text(errors="replace"):
+    """Until the head's process says it is ready: its node is up and a driver connected to it."""
+    while READY_LINE not in Path(head.log_path).read_text(errors="replace"):
         if proc.poll() is not None:
             raise RuntimeError(
-                f"ray start exited with code {proc.returncode}; log {head.log_path}:\n"
+                f"the Ray head exited with code {proc.returncode}; log {head.log_path}:\n"
                 + _log_tail(head.log_path)
             )
         if time.monotonic() > deadline:
@@ -389,26 +380,13 @@ def _wait_ready(head: RayHead, proc: subprocess.Popen[bytes], *, deadline: float
                 f"Ray head at {head.address} not started in time; log tail:\n"
                 + _log_tail(head.log_path)
             )
-        time.sleep(0.2)
-    remaining = max(5.0, deadline - time.monotonic())
-    probe = subprocess.run(
-        [sys.executable, "-c", _PROBE, head.address],
-        capture_output=True,
-        text=True,
-        env=ray_env(),
-        timeout=remaining,
-        check=False,
-    )
-    if probe.returncode != 0:
-        raise RuntimeError(
-            f"Ray head at {head.address} started but a driver cannot connect:\n{probe.stderr[-3000:]}"
-        )
+        time.sleep(0.1)
 
 
 def stop_local_ray_head(head: RayHead, *, grace_s: float = 20.0) -> list[int]:
     """Stop `head` by pid: SIGTERM the root, wait up to `grace_s`, SIGKILL the rest.
 
-    For a leased head the root is the watchdog: it forwards the SIGTERM to `ray start` and
+    For a leased head the root is the watchdog: it forwards the SIGTERM to the head's process and
     SIGKILLs what is left of its group after its own, shorter grace. The lease file is left as
     is (the caller owns it; stop its `LeaseKeeper`).
 

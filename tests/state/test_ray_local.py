@@ -147,6 +147,11 @@ def test_stop_by_pid_leaves_nothing() -> None:
         assert "VALUE 1" in _driver(_CREATE, head.address, NAMESPACE, "to-be-stopped")
         pids = head.pids()
         assert head.pid in pids and len(pids) >= 4  # root, gcs, raylet, actor worker, ...
+        # only what a local run uses: no Ray Client server, log monitor or autoscaler monitor
+        commands = [" ".join(psutil.Process(pid).cmdline()) for pid in pids if psutil.pid_exists(pid)]
+        unused = [c for c in commands if any(name in c for name in (
+            "ray.util.client.server", "log_monitor.py", "autoscaler/_private/monitor.py"))]
+        assert unused == [] and any("gcs_server" in c for c in commands), commands
         # stop through a copy rebuilt from JSON, as another process would (from the manifest)
         rebuilt = RayHead(**json.loads(json.dumps(dataclasses.asdict(head))))
         stopped = stop_local_ray_head(rebuilt)
@@ -157,6 +162,30 @@ def test_stop_by_pid_leaves_nothing() -> None:
         assert head.pids() == []
         assert not is_alive(head.address)
         assert stop_local_ray_head(head) == []  # idempotent
+    finally:
+        stop_local_ray_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_head_stops_when_one_of_its_ray_processes_dies() -> None:
+    """As `ray start --block`: a Ray process that dies (here the raylet, SIGKILLed) makes the head's
+    process stop the others and exit 1, saying so in its log."""
+    temp_dir = short_temp_dir()
+    low, high = worker_port_range()
+    head = start_local_ray_head(
+        temp_dir=temp_dir, port=free_port(), num_cpus=1, object_store_memory=128 * 1024**2,
+        min_worker_port=low, max_worker_port=high,
+    )
+    try:
+        pids = head.pids()
+        raylet = [pid for pid in pids if psutil.Process(pid).name() == "raylet"]
+        assert len(raylet) == 1, [psutil.Process(pid).name() for pid in pids]
+        os.kill(raylet[0], signal.SIGKILL)
+        assert psutil.Process(head.pid).wait(timeout=30) == 1
+        assert _wait_for(lambda: head.pids() == [], 20, step_s=0.5), head.pids()
+        log = Path(head.log_path).read_text(errors="replace")
+        assert "Ray processes exited unexpectedly" in log and "raylet" in log, log[-3000:]
+        assert not is_alive(head.address)
     finally:
         stop_local_ray_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -189,7 +218,7 @@ def test_start_rejects_busy_port() -> None:
 
 def test_free_ports_are_distinct_free_and_avoid_the_given_ones() -> None:
     """Separate free_port() calls can return one port twice (seen in CI: the dashboard and its agent
-    got the same port and `ray start` refused); free_ports holds its sockets while picking."""
+    got the same port and Ray refused); free_ports holds its sockets while picking."""
     given = free_port()
     for _ in range(50):
         ports = free_ports(3, besides=[given])
@@ -358,7 +387,7 @@ def test_head_ends_itself_when_its_owner_is_killed(tmp_path: Path, moment: str) 
         pids = head.pids()
         assert head.pid in pids
         if moment == "ready":
-            assert len(pids) >= 4  # watchdog, ray start, gcs_server, raylet, ...
+            assert len(pids) >= 4  # watchdog, the head's process, gcs_server, raylet, ...
         os.killpg(owner.pid, signal.SIGKILL)  # the owner as the user killed it: the whole group
         owner.wait(timeout=10)
         killed = time.monotonic()
@@ -414,9 +443,9 @@ def test_leased_head_is_described_before_ready_and_stops_cleanly(tmp_path: Path)
         assert head.pid in pids and len(pids) >= 4
         root = psutil.Process(head.pid)
         assert "ray_lease" in " ".join(root.cmdline())
-        ray_start = root.children()
-        assert len(ray_start) == 1  # `ray start`, in the watchdog's process group
-        assert os.getpgid(ray_start[0].pid) == os.getpgid(head.pid) == head.pid
+        head_process = root.children()
+        assert len(head_process) == 1  # the head's process, in the watchdog's process group
+        assert os.getpgid(head_process[0].pid) == os.getpgid(head.pid) == head.pid
         rebuilt = RayHead(**json.loads(json.dumps(dataclasses.asdict(head))))
         assert rebuilt == head
         stopped = stop_local_ray_head(rebuilt)
