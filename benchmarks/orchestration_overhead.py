@@ -45,7 +45,9 @@ but many more involuntary switches was waiting for a core, not working more.
 `startup_s` is the flow's one-time start-up: process start of `kimi-grpo run` to the first
 rollout's start (Python imports, Prefect, the data / model / conversion stages, the Ray head, the
 engine actor with its model load, the MLflow run); its breakdown comes from the arrival times of
-the CLI's console lines and the durations they report. Set up beforehand and not timed: the base
+the CLI's console lines and the durations they report, and a second table gives the CPU seconds
+each process used in it (start-up on 2 cores is bound by the sum of those: a phase that waits is
+usually waiting for a core). Set up beforehand and not timed: the base
 model and its converted reference (made once per base dir, like every later run in a base dir
 finds them: the flow's `acquire_model` and `convert_checkpoint` stages only check their content) and,
 unless `--fresh-databases`, the Prefect and MLflow databases, which only a first run on a machine
