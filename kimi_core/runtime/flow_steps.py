@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from kimi_core.engines.base import EvalResult, RolloutResult
 from kimi_core.runtime.context import RunContext
 from kimi_core.runtime.ledger import RunLedger
-from kimi_core.runtime.local_head import BRING_UP, adopt_early, preload_modules, release_recorded_head, start_head
+from kimi_core.runtime.local_head import BRING_UP, adopt_early, release_recorded_head, start_head
 from kimi_core.runtime.loop import RolloutLoop, Step
 from kimi_core.runtime.progress import console
 from kimi_core.runtime.ray_local import RayHead, keep_lease, ray_env
@@ -105,8 +105,7 @@ def bring_up_cluster(ctx: RunContext, *, submitter: RayJobSubmitter | None = Non
 
 def _bring_up_local(ledger: RunLedger) -> ClusterInfo:
     """A Ray head on loopback: the one `kimi-grpo run` started early for this run, else a new one."""
-    head = adopt_early(ledger.paths.run_dir) or start_head(ledger.manifest, ledger.paths.run_dir,
-                                                           preload=preload_modules(ledger.recipe))
+    head = adopt_early(ledger.paths.run_dir) or start_head(ledger.manifest, ledger.paths.run_dir, ledger.recipe)
     return ClusterInfo(address=head.address, head=head)
 
 

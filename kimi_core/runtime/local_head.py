@@ -54,10 +54,10 @@ def preload_modules(recipe: Recipe) -> tuple[str, ...]:
     return ("kimi_core.runtime.session", "kimi_core.engines.local")
 
 
-def start_head(manifest: Manifest, run_dir: Path, *, preload: tuple[str, ...] = ()) -> RayHead:
+def start_head(manifest: Manifest, run_dir: Path, recipe: Recipe) -> RayHead:
     """A Ray head on loopback for the run. A head recorded by an earlier process of this run (a killed
     CLI, a crashed flow) is stopped first: one head per run, owned by the process that runs it.
-    `preload`: `preload_modules` of the run's recipe."""
+    Its workers preload what `recipe`'s engine needs (`preload_modules`)."""
     release_recorded_head(manifest)
     started = time.perf_counter()
     low, high = worker_port_range()
@@ -73,7 +73,7 @@ def start_head(manifest: Manifest, run_dir: Path, *, preload: tuple[str, ...] = 
             head = start_local_ray_head(temp_dir=short_temp_dir(), port=free_port(), num_cpus=LOCAL_NUM_CPUS,
                                         object_store_memory=256 * 1024**2, min_worker_port=low,
                                         max_worker_port=high, lease_path=lease, lease_timeout_s=LOCAL_LEASE_S,
-                                        on_spawn=record, preload_modules=preload)
+                                        on_spawn=record, preload_modules=preload_modules(recipe))
             break
         except (ValueError, RuntimeError) as exc:
             # The head's ports are free when picked, but another process may take one before Ray binds
@@ -126,7 +126,7 @@ def start_early(ctx: RunContext) -> bool:
 
     def run() -> None:
         try:
-            future.set_result(start_head(manifest, paths.run_dir, preload=preload_modules(recipe)))
+            future.set_result(start_head(manifest, paths.run_dir, recipe))
         except BaseException as exc:  # handed to whoever adopts or stops it
             future.set_exception(exc)
 

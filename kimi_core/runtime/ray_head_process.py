@@ -1,5 +1,5 @@
 """The process of a loopback Ray head: one Ray node on 127.0.0.1 with only the processes a local
-run uses, checked from a driver's side, then blocked until SIGTERM (docs/design.md §6).
+run uses, checked from a driver's side, then blocked until SIGTERM (docs/design.md §9, the loopback head).
 
 `ray start --head --block` would do the same through Ray's CLI, at a cost that matters on 2 cores:
 the CLI imports Ray's cluster launcher and autoscaler before the first Ray process starts (about
@@ -14,7 +14,8 @@ process, and checks that the node is alive (what a fresh driver process used to 
 second interpreter), and prints `READY_LINE`.
 
 Afterwards, as `ray start --block`: a Ray process that exits unexpectedly makes it stop the others
-and exit 1; SIGTERM stops them (Ray's own handler). Run by its file path with `-P`, like the lease
+and exit 1; SIGTERM stops them (Ray's own handler until the driver check, which replaces it; this
+file's own from then on). Run by its file path with `-P`, like the lease
 watchdog: it needs Ray and nothing of this package. `ray_local.head_command` builds its argv.
 """
 

@@ -3,6 +3,7 @@ lease watchdog that ends a head whose owner is gone (also when the owner dies du
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -135,8 +136,9 @@ def test_detached_actor_survives_driver(ray_head: RayHead) -> None:
     assert "VALUE 3" in _driver(_REATTACH, ray_head.address, NAMESPACE, "engine-session", "kill")
 
 
-def test_stop_by_pid_leaves_nothing() -> None:
-    """A second head (beside the session one) with a live detached actor is stopped by pid."""
+@contextlib.contextmanager
+def _own_head() -> Iterator[RayHead]:
+    """A head of the test's own (1 CPU, beside the session one), stopped and its temp dir removed after."""
     temp_dir = short_temp_dir()
     low, high = worker_port_range()
     head = start_local_ray_head(
@@ -144,6 +146,15 @@ def test_stop_by_pid_leaves_nothing() -> None:
         min_worker_port=low, max_worker_port=high,
     )
     try:
+        yield head
+    finally:
+        stop_local_ray_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_stop_by_pid_leaves_nothing() -> None:
+    """A second head (beside the session one) with a live detached actor is stopped by pid."""
+    with _own_head() as head:
         assert "VALUE 1" in _driver(_CREATE, head.address, NAMESPACE, "to-be-stopped")
         pids = head.pids()
         assert head.pid in pids and len(pids) >= 4  # root, gcs, raylet, actor worker, ...
@@ -162,21 +173,12 @@ def test_stop_by_pid_leaves_nothing() -> None:
         assert head.pids() == []
         assert not is_alive(head.address)
         assert stop_local_ray_head(head) == []  # idempotent
-    finally:
-        stop_local_ray_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_head_stops_when_one_of_its_ray_processes_dies() -> None:
     """As `ray start --block`: a Ray process that dies (here the raylet, SIGKILLed) makes the head's
     process stop the others and exit 1, saying so in its log."""
-    temp_dir = short_temp_dir()
-    low, high = worker_port_range()
-    head = start_local_ray_head(
-        temp_dir=temp_dir, port=free_port(), num_cpus=1, object_store_memory=128 * 1024**2,
-        min_worker_port=low, max_worker_port=high,
-    )
-    try:
+    with _own_head() as head:
         pids = head.pids()
         raylet = [pid for pid in pids if psutil.Process(pid).name() == "raylet"]
         assert len(raylet) == 1, [psutil.Process(pid).name() for pid in pids]
@@ -186,9 +188,6 @@ def test_head_stops_when_one_of_its_ray_processes_dies() -> None:
         log = Path(head.log_path).read_text(errors="replace")
         assert "Ray processes exited unexpectedly" in log and "raylet" in log, log[-3000:]
         assert not is_alive(head.address)
-    finally:
-        stop_local_ray_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_start_rejects_bad_settings() -> None:
