@@ -347,7 +347,7 @@ def finish(handle: SessionHandle) -> RunSummary:
     latest = ledger.start_rollout_id() - 1
     complete = latest == ledger.recipe.rollout.num_rollout - 1
     ledger.tracker.log_curves_png()
-    _release(ledger, handle, handle.queue)
+    _release(ledger, handle, handle.queue, clean=True)
     ledger.tracker.close("FINISHED" if complete else "KILLED")
     ledger.manifest.update(finished=complete)
     return RunSummary(run_name=ledger.paths.run_name, latest_checkpoint=latest, complete=complete,
@@ -362,15 +362,15 @@ def abort(ctx: RunContext, handle: SessionHandle | None, status: str = "FAILED",
     manifest stay: the same command resumes once the cause is fixed."""
     ledger = RunLedger(ctx)
     reopened = ledger.tracking_running()
-    _release(ledger, handle, queue or (handle.queue if handle is not None else None), why="run stopped")
+    _release(ledger, handle, queue or (handle.queue if handle is not None else None), clean=False)
     if reopened:
         ledger.tracker.close(status)
 
 
-def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | None,
-             why: str = "run finished") -> None:
+def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | None, *, clean: bool) -> None:
     """Close the engine (miles disposes its SGLang engines), stop its actor and the run's local Ray
-    head (by pid); record the head as stopped."""
+    head (by pid); record the head as stopped. After a `clean` end the head's temp dir (Ray's logs)
+    is removed too; after a failure it stays, and is named on the console."""
     import ray  # noqa: PLC0415 - only processes that talk to the cluster import Ray
 
     LIVE.drop(ledger.ctx)
@@ -387,8 +387,8 @@ def _release(ledger: RunLedger, handle: SessionHandle | None, queue: JobQueue | 
             console.print(f"engine actor not stopped ({type(exc).__name__}: {exc}); its Ray head is stopped next",
                           markup=False)
     LIVE.disconnect()
-    release_recorded_head(ledger.manifest)
-    release_ray_jobs(ledger, queue, why)
+    release_recorded_head(ledger.manifest, keep_logs=not clean)
+    release_ray_jobs(ledger, queue, "run finished" if clean else "run stopped")
 
 
 def release_ray_jobs(ledger: RunLedger, queue: JobQueue | None, why: str = "run finished") -> None:

@@ -12,6 +12,7 @@ Light on purpose: the CLI imports this before Prefect, MLflow, torch or Ray.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -26,6 +27,7 @@ from kimi_core.runtime.ray_local import (
     RayHead,
     free_port,
     keep_lease,
+    remove_temp_dir,
     short_temp_dir,
     start_local_ray_head,
     stop_local_ray_head,
@@ -89,12 +91,21 @@ def start_head(manifest: Manifest, run_dir: Path, recipe: Recipe) -> RayHead:
     return head
 
 
-def release_recorded_head(manifest: Manifest) -> None:
-    """Stop the run's recorded local Ray head (by pid), if any of it is still running."""
+def release_recorded_head(manifest: Manifest, *, keep_logs: bool = True) -> None:
+    """Stop the run's recorded local Ray head (by pid), if any of it is still running.
+
+    Its temp dir under /tmp holds Ray's logs, among them the engine actor's output (drivers do not
+    receive it): after a clean end (`keep_logs=False`) it is removed, else kept and named on the
+    console, for whoever looks into why the run stopped."""
     record = manifest.stages.get(BRING_UP)
     if record is None or not record.result or "head" not in record.result:
         return
-    stop_local_ray_head(RayHead(**record.result["head"]))
+    head = RayHead(**record.result["head"])
+    stop_local_ray_head(head)
+    if not keep_logs:
+        remove_temp_dir(head)
+    elif os.path.isdir(head.temp_dir):
+        console.print(f"the stopped Ray head's logs: {head.temp_dir}", markup=False)
     manifest.update(ray_address=None)
     manifest.record_stage(BRING_UP, cache_key="stopped", result=None, status="stopped")
 
@@ -164,6 +175,7 @@ def stop_unadopted(*, timeout_s: float = 120.0) -> list[RayHead]:
         except Exception:
             continue  # a failed start stopped its own head; one still starting ends with its lease
         stop_local_ray_head(head)
+        remove_temp_dir(head)  # it ran nothing
         release_recorded_head(manifest)  # records it as stopped (the flow's clean-up may have already)
         console.print(f"ray head at {head.address} stopped (not used by a flow in {run_dir})", markup=False)
         stopped.append(head)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -413,6 +414,18 @@ def stop_local_ray_head(head: RayHead, *, grace_s: float = 20.0) -> list[int]:
     psutil.wait_procs([p for p in map(_process_or_none, targets) if p is not None], timeout=10)
     _reap(head.pid)
     return sorted(targets)
+
+
+def remove_temp_dir(head: RayHead) -> bool:
+    """Delete a stopped head's temp dir (Ray's session files and logs, the workers' output among
+    them); returns whether it did. Nothing is removed while a process of the head runs, nor a dir
+    without the head's own log in it (not a temp dir this module started a head in)."""
+    if _head_processes(head) or not os.path.isfile(head.log_path):
+        return False
+    if os.path.dirname(os.path.abspath(head.log_path)) != os.path.abspath(head.temp_dir):
+        return False
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    return not os.path.exists(head.temp_dir)
 
 
 def _process_or_none(pid: int) -> psutil.Process | None:

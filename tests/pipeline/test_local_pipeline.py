@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -79,10 +80,17 @@ def _stop_leftover_head(paths: RunPaths) -> None:
         stop_local_ray_head(RayHead(**record.result["head"]))
 
 
+def _ray_temp_dirs() -> set[Path]:
+    """The loopback heads' temp dirs on this machine (`ray_local.short_temp_dir`)."""
+    return set(Path("/tmp").glob("kr-*"))
+
+
 def test_run_logs_to_mlflow_server_and_rerun_does_no_work(prefect_server, mlflow_server, base_dir: Path) -> None:
     env = cli_env(prefect_server, MLFLOW_TRACKING_URI=mlflow_server)
+    temp_dirs = _ray_temp_dirs()
     proc = run_cli(["run", "configs/local.yaml", "--run-name", "tracked", "--base-dir", str(base_dir), *SMALL], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not _ray_temp_dirs() - temp_dirs  # a clean end removes its Ray head's temp dir
     assert "rollout 6/6" in proc.stderr and "ETA" in proc.stderr  # live progress lines
 
     paths = RunPaths.of(base_dir, "tracked")
@@ -248,10 +256,14 @@ def test_failed_run_names_the_row_and_leaves_no_cluster_running(prefect_server, 
     bad = base_dir / "bad.jsonl"
     bad.write_text('{"prompt": "1+1? Answer in \\\\boxed{}.", "label": "2"}\n{"prompt": "x", "label": 3}\n')
     before = _ray_daemons()
+    temp_dirs = _ray_temp_dirs()
     proc = run_cli(["run", "configs/local.yaml", "--run-name", "broken", "--base-dir", str(base_dir), *SMALL,
                     "--set", f"data.prompt_data={bad}"], cli_env(prefect_server))
     assert proc.returncode == 1
     assert "run failed" in proc.stderr and f"{bad}:2" in proc.stderr
+    for kept in _ray_temp_dirs() - temp_dirs:  # the logs of a head that ran the flow stay, and are named
+        assert f"the stopped Ray head's logs: {kept}" in proc.stdout + proc.stderr
+        shutil.rmtree(kept)
     manifest = Manifest.load(RunPaths.of(base_dir, "broken"))
     assert manifest.stages["bring_up_cluster"].status == "stopped" and manifest.ray_address is None
     assert "prepare_data" not in manifest.stages or manifest.stages["prepare_data"].status != "completed"

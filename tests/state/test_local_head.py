@@ -51,6 +51,7 @@ def test_unadopted_early_head_is_stopped_and_recorded_stopped(tmp_path: Path) ->
     assert local_head.start_early(ctx)
     [head] = local_head.stop_unadopted()
     assert not _running(head)
+    assert not Path(head.temp_dir).exists()  # it ran nothing: its Ray logs are removed with it
     manifest = Manifest.load(RunPaths.of(tmp_path, "unused"))
     record = manifest.stages[local_head.BRING_UP]
     assert record.status == "stopped" and manifest.ray_address is None

@@ -30,6 +30,7 @@ from kimi_core.runtime.ray_local import (
     free_ports,
     is_alive,
     ray_env,
+    remove_temp_dir,
     short_temp_dir,
     start_local_ray_head,
     stop_local_ray_head,
@@ -447,12 +448,14 @@ def test_leased_head_is_described_before_ready_and_stops_cleanly(tmp_path: Path)
         assert os.getpgid(head_process[0].pid) == os.getpgid(head.pid) == head.pid
         rebuilt = RayHead(**json.loads(json.dumps(dataclasses.asdict(head))))
         assert rebuilt == head
+        assert not remove_temp_dir(rebuilt) and Path(head.log_path).is_file()  # not while it runs
         stopped = stop_local_ray_head(rebuilt)
         assert set(pids) <= set(stopped)
         assert [pid for pid in pids if _alive(pid)] == []
         assert head.pids() == [] and _processes_mentioning(temp_dir) == []
         assert not is_alive(head.address)
         assert stop_local_ray_head(head) == []
+        assert remove_temp_dir(rebuilt) and not Path(temp_dir).exists()  # stopped: its logs can go
     finally:
         keeper.stop()
         stop_local_ray_head(head)
@@ -463,3 +466,19 @@ def test_old_records_without_lease_fields_still_load() -> None:
     record = '{"address": "127.0.0.1:1", "pid": 1, "temp_dir": "/tmp/kr-x", "log_path": "/tmp/x"}'
     head = RayHead(**json.loads(record))  # as written to run manifests before leases existed
     assert head.lease_path is None and head.lease_timeout_s is None
+
+
+def test_remove_temp_dir_leaves_a_dir_that_holds_no_head_log(tmp_path: Path) -> None:
+    """Only a head's own temp dir (its log inside) is removed: a record pointing elsewhere removes nothing."""
+    other = tmp_path / "kr-other"
+    other.mkdir()
+    (other / "data.txt").write_text("keep")
+    ended = subprocess.Popen(["true"])  # a pid no process has any more
+    ended.wait()
+    record = RayHead(address="127.0.0.1:1", pid=ended.pid, temp_dir=str(other),
+                     log_path=str(other / "ray-head.log"))
+    assert not remove_temp_dir(record) and (other / "data.txt").read_text() == "keep"
+    elsewhere = RayHead(address="127.0.0.1:1", pid=ended.pid, temp_dir=str(other),
+                        log_path=str(tmp_path / "ray-head.log"))
+    (tmp_path / "ray-head.log").write_text("a log outside the dir")
+    assert not remove_temp_dir(elsewhere) and (other / "data.txt").read_text() == "keep"
