@@ -1,11 +1,12 @@
 """LocalEngine: the GRPO recipe on one machine (CPU, or one GPU) with a tiny Kimi-shaped model.
 
 Per rollout (docs/design.md §3): draw prompts -> sample n responses each -> reward -> dynamic-sampling
-filter -> group advantages -> recompute logp_old -> `num_steps_per_rollout` Adam steps -> save if
-asked. Saves hold the policy as HF safetensors, the optimizer state, the data position, every RNG
-state and the metrics of the rollouts since the previous save, so a resumed run is bitwise
-identical on CPU to one that never stopped. A rollout that raises restores the state it started
-from, so retrying it is bitwise identical too.
+filter -> group advantages -> recompute logp_old (per minibatch; the first minibatch's in its own
+loss forward) -> `num_steps_per_rollout` Adam steps -> save if asked. Saves hold the policy as HF
+safetensors, the optimizer state, the data position, every RNG state and the metrics of the
+rollouts since the previous save, so a resumed run is bitwise identical on CPU to one that never
+stopped. A rollout that raises restores the state it started from, so retrying it is bitwise
+identical too.
 
 Fault points (`kimi_core.faults`, hook via `$KIMI_GRPO_FAULT_HOOK`): `train.mid` after sampling,
 before the optimizer steps; `save.mid` after the model files of a checkpoint, before its optimizer
@@ -199,11 +200,11 @@ class LocalEngine:
         batch = build_batch(
             policy, self.reference, sequences=[s[0] for s in samples], prompt_lens=[s[1] for s in samples],
             rewards=rewards, n_samples_per_prompt=r.rollout.n_samples_per_prompt, rollout_logprobs=[s[2] for s in samples],
+            num_steps=self.plan.steps_per_rollout,
         )
         fault_point("train.mid", rollout_id=rollout_id, paths=self.paths)
         train_metrics = train_steps(
-            policy, self.optimizer, batch, num_steps=self.plan.steps_per_rollout, spec=self._loss_spec(),
-            clip_grad=r.optimizer.clip_grad,
+            policy, self.optimizer, batch, spec=self._loss_spec(), clip_grad=r.optimizer.clip_grad,
         )
         train_time = time.perf_counter() - started - rollout_time
         lengths = [len(resp) for g in groups for resp in g.responses]

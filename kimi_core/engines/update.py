@@ -21,15 +21,17 @@ class TrainablePolicy(CausalLM, Protocol):
 
 @dataclass
 class TrainBatch:
-    """Flattened samples of one rollout. R = longest response; tensors are right-padded."""
+    """Flattened samples of one rollout and its optimizer steps' minibatches. R = longest response;
+    tensors are right-padded."""
 
     sequences: list[list[int]]      # prompt + response ids, one per sample
     prompt_lens: list[int]
     advantages: torch.Tensor        # [B]
     logp_rollout: torch.Tensor      # [B, R] sampler log-probs
-    logp_old: torch.Tensor          # [B, R] trainer recompute before the update
+    logp_old: torch.Tensor          # [B, R] trainer log-probs before the update (see `build_batch`)
     logp_ref: torch.Tensor | None   # [B, R] reference policy (KL loss only)
     mask: torch.Tensor              # [B, R] 1 on response tokens
+    minibatches: list[torch.Tensor]  # sample indices of each optimizer step, in order
 
 
 @dataclass(frozen=True)
@@ -63,24 +65,42 @@ def build_batch(
     rewards: torch.Tensor,
     n_samples_per_prompt: int,
     rollout_logprobs: list[list[float]],
+    num_steps: int,
 ) -> TrainBatch:
-    """Advantages per group and the `logp_old` recompute (miles: trainer log-probs, not the sampler's)."""
+    """Advantages per group, the `num_steps` consecutive minibatches, and `logp_old` (miles: the
+    trainer's log-probs before the update, not the sampler's).
+
+    `logp_old` is computed minibatch by minibatch, and the first minibatch's rows are left for its
+    own loss forward to fill (`grpo_loss`: the policy is not updated yet when it runs, so its
+    log-probs are that minibatch's before-update log-probs). One no-grad forward fewer per rollout,
+    and no forward over the whole rollout padded to its longest sample."""
+    minibatches = list(torch.arange(len(sequences)).chunk(num_steps))
+    resp_lens = torch.tensor([len(s) - p for s, p in zip(sequences, prompt_lens)])
+    width = max(int(resp_lens.max()), 0)
+    mask = (torch.arange(width)[None, :] < resp_lens[:, None]).float()
+    logp_old = torch.zeros(len(sequences), width)
     with torch.no_grad():
-        logp_old, mask, _ = token_logprobs(policy, sequences, prompt_lens)
+        for idx in minibatches[1:]:
+            part, _, _ = token_logprobs(policy, [sequences[i] for i in idx], [prompt_lens[i] for i in idx])
+            logp_old[idx, : part.shape[1]] = part
         logp_ref = token_logprobs(reference, sequences, prompt_lens)[0] if reference is not None else None
     advantages = grpo.group_advantages(rewards, n_samples_per_prompt=n_samples_per_prompt).reshape(-1)
     return TrainBatch(
-        sequences=sequences, prompt_lens=prompt_lens, advantages=advantages,
-        logp_rollout=_pad(rollout_logprobs, mask.shape[1]), logp_old=logp_old, logp_ref=logp_ref, mask=mask,
+        sequences=sequences, prompt_lens=prompt_lens, advantages=advantages, logp_rollout=_pad(rollout_logprobs, width),
+        logp_old=logp_old, logp_ref=logp_ref, mask=mask, minibatches=minibatches,
     )
 
 
-def grpo_loss(policy: CausalLM, batch: TrainBatch, idx: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of samples `idx` and its statistics (docs/design.md §7)."""
+def grpo_loss(policy: CausalLM, batch: TrainBatch, step: int, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of minibatch `step` and its statistics (docs/design.md §7). Step 0 runs before any
+    update, so its forward's log-probs are also its `logp_old` (`build_batch` leaves them to it)."""
+    idx = batch.minibatches[step]
     seqs = [batch.sequences[i] for i in idx.tolist()]
     lens = [batch.prompt_lens[i] for i in idx.tolist()]
     logp, mask, entropy = token_logprobs(policy, seqs, lens, with_entropy=spec.entropy_coef > 0)
     width = mask.shape[1]
+    if step == 0:
+        batch.logp_old[idx, :width] = logp.detach()
     old = batch.logp_old[idx, :width]
     adv = batch.advantages[idx].unsqueeze(1).expand_as(logp)
     per_token, clipfrac = grpo.policy_loss(
@@ -112,16 +132,14 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     batch: TrainBatch,
     *,
-    num_steps: int,
     spec: LossSpec,
     clip_grad: float,
 ) -> dict[str, float]:
-    """Split the rollout into `num_steps` consecutive minibatches, one optimizer step each."""
-    total = len(batch.sequences)
+    """One optimizer step per minibatch of `batch`, in order."""
     history: dict[str, list[float]] = {}
-    for chunk in torch.arange(total).chunk(num_steps):
+    for step in range(len(batch.minibatches)):
         optimizer.zero_grad(set_to_none=True)
-        loss, stats = grpo_loss(policy, batch, chunk, spec)
+        loss, stats = grpo_loss(policy, batch, step, spec)
         torch.autograd.backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip_grad)
         optimizer.step()
