@@ -15,6 +15,8 @@ form, which never expands the latent: with ``W_uk``/``W_uv`` the key/value rows 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,23 @@ from kimi_core.model.config import ModelConfig
 from kimi_core.model.layers import FrozenWeight, RMSNorm, apply_rope
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps upstream, not rms_norm_eps
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` for ``q, k [B,H,T,d]``, ``v [B,H,S,dv]`` and an additive
+    ``bias`` (0 / -inf) that leaves every query at least one key.
+
+    On CPU, ``F.scaled_dot_product_attention`` with a mask runs its math backend, and this is that
+    backend's computation in its order (ATen's ``_scaled_dot_product_attention_math``: q and k each
+    scaled by ``sqrt(scale)``, the mask added in place, softmax, times v), the same numbers and
+    gradients bitwise (tests/model/test_attention.py), minus its guard for queries that see no key
+    (``_safe_softmax``: three more passes over the scores), which our masks never make: about half
+    the forward's time at the local recipe's training shapes. Other devices use SDPA's fused kernels."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    root = math.sqrt(scale)
+    scores = torch.matmul(q * root, k.transpose(-2, -1) * root)
+    return torch.matmul(torch.softmax(scores.add_(bias), dim=-1), v)
 
 
 class MLACache:
@@ -172,9 +191,7 @@ class MLAttention(nn.Module):
         if last_only:
             q, bias, seq = q[:, :, -1:], bias[:, -1:], 1
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v.transpose(1, 2), attn_mask=bias.unsqueeze(1), scale=self.softmax_scale
-        )
+        out = masked_attention(q, k, v.transpose(1, 2), bias.unsqueeze(1), scale=self.softmax_scale)
         projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim))
         return projected if residual is None else residual + projected
 
