@@ -94,7 +94,7 @@ def start_head(manifest: Manifest, run_dir: Path, recipe: Recipe) -> RayHead:
 def release_recorded_head(manifest: Manifest, *, keep_logs: bool = True) -> None:
     """Stop the run's recorded local Ray head (by pid), if any of it is still running.
 
-    Its temp dir under /tmp holds Ray's logs, among them the engine actor's output (drivers do not
+    Its temp dir (`short_temp_dir`) holds Ray's logs, among them the engine actor's output (drivers do not
     receive it): after a clean end (`keep_logs=False`) it is removed, else kept and named on the
     console, for whoever looks into why the run stopped."""
     record = manifest.stages.get(BRING_UP)
