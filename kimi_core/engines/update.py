@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kimi_core import grpo
-from kimi_core.model.sampling import CausalLM, token_logprobs
+from kimi_core.model.sampling import CausalLM, response_mask, token_logprobs
 
 
 class TrainablePolicy(CausalLM, Protocol):
@@ -75,9 +75,8 @@ def build_batch(
     log-probs are that minibatch's before-update log-probs). One no-grad forward fewer per rollout,
     and no forward over the whole rollout padded to its longest sample."""
     minibatches = list(torch.arange(len(sequences)).chunk(num_steps))
-    resp_lens = torch.tensor([len(s) - p for s, p in zip(sequences, prompt_lens)])
-    width = max(int(resp_lens.max()), 0)
-    mask = (torch.arange(width)[None, :] < resp_lens[:, None]).float()
+    mask = response_mask(sequences, prompt_lens).float()
+    width = mask.shape[1]
     logp_old = torch.zeros(len(sequences), width)
     with torch.no_grad():
         for idx in minibatches[1:]:

@@ -211,6 +211,16 @@ def generate(
     return GenerationOutput(rows.tokens, rows.logprobs, [not s for s in rows.stopped])
 
 
+def response_mask(
+    sequences: list[list[int]], prompt_lens: list[int], *, device: torch.device | None = None
+) -> torch.Tensor:
+    """``[B, R]`` bool, True on the response tokens ``seq[prompt_len:]``, right-padded to the
+    longest response ``R``: the layout of ``token_logprobs``' outputs."""
+    resp_lens = torch.tensor([len(s) - p for s, p in zip(sequences, prompt_lens)], device=device)
+    width = max(int(resp_lens.max()), 0)
+    return torch.arange(width, device=device)[None, :] < resp_lens[:, None]
+
+
 def token_logprobs(
     model: CausalLM,
     sequences: list[list[int]],
@@ -241,11 +251,9 @@ def token_logprobs(
         mask[i, : len(seq)] = True
     ids, mask = ids.to(device), mask.to(device)
     logits = model(ids, attention_mask=mask)
-    resp_lens = torch.tensor([len(s) - p for s, p in zip(sequences, prompt_lens)], device=device)
-    r_max = max(int(resp_lens.max()), 0)
-    offsets = torch.arange(r_max, device=device)
+    resp_mask = response_mask(sequences, prompt_lens, device=device)
+    offsets = torch.arange(resp_mask.shape[1], device=device)
     starts = torch.tensor(prompt_lens, device=device)[:, None] - 1
-    resp_mask = offsets[None, :] < resp_lens[:, None]
     pred_pos = (starts + offsets).clamp(max=length - 2 if length > 1 else 0)  # logits at t predict t+1
     target_pos = (pred_pos + 1).clamp(max=length - 1)
     step_logits = logits.gather(1, pred_pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
